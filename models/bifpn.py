@@ -1,0 +1,176 @@
+"""Bidirectional feature pyramids over P3/P4/P5.
+
+`BiFPN` is V1's cell (spec 2.3: EfficientDet's BiFPN cut to three levels, fast normalised
+fusion, Swish, separable convs without activation). `BiFPNLight` is V2's cell (spec 3:
+depthwise-separable conv blocks with ReLU inside, SiLU fusion, P5 fusing three inputs).
+
+Shape handling is written so that nothing is computed from the runtime shape in Python
+(dynamic ONNX export) and any input size works:
+- "same" 3x3 stride-1 convs are symmetric padding 1 (identical to TF-"same" for stride 1);
+- up-sampling is nearest to the exact size of the finer map;
+- V1's TF-"same" 3x3/2 max-pool is zero padding of 2 on the bottom/right followed by
+  MaxPool2d(3, 2). For even map sizes (input a multiple of 32) this is exactly the published
+  padding (0 top/left, 1 bottom/right, zeros); for odd sizes the published code pads one
+  pixel on each side instead (and cannot run at all, since its 2x up-sampling then
+  mismatches), so results there are ours by definition.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPSILON = 1e-4  # fusion-weight normaliser (EfficientDet)
+
+Features = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def fuse(weights: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Fast normalised fusion: sum_i w_i x_i with w = relu(w_raw) / (sum relu(w_raw) + eps).
+
+    `weights` may hold more entries than `inputs` (V1's p5_w2 quirk: 3 weights, 2 inputs,
+    normalised over all 3); only the first len(inputs) are applied.
+    """
+    w = torch.relu(weights)
+    w = w / (w.sum() + EPSILON)
+    out = w[0] * inputs[0]
+    for i in range(1, len(inputs)):
+        out = out + w[i] * inputs[i]
+    return out
+
+
+def upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Nearest up-sampling of x to ref's spatial size."""
+    return F.interpolate(x, size=ref.shape[-2:], mode="nearest")
+
+
+class SameMaxPool(nn.Module):
+    """3x3 stride-2 max-pool with TF-"same" zero padding (see module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.MaxPool2d(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(F.pad(x, [0, 2, 0, 2]))
+
+
+class SeparableConv(nn.Module):
+    """V1 fusion conv: depthwise 3x3 (no bias) -> pointwise 1x1 (bias) -> BN, no activation."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, 3, 1, 1, groups=channels, bias=False)
+        self.pointwise = nn.Conv2d(channels, channels, 1, bias=True)
+        self.bn = nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.pointwise(self.depthwise(x)))
+
+
+def projection(in_ch: int, out_ch: int, bias: bool) -> nn.Sequential:
+    """1x1 conv + BN (eps 1e-3, momentum 0.01) bringing a backbone map to the BiFPN width."""
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=bias), nn.BatchNorm2d(out_ch, eps=1e-3, momentum=0.01))
+
+
+class BiFPNCell(nn.Module):
+    """One V1 BiFPN cell (spec 2.3). The first cell projects the backbone maps (twice for
+    P4/P5: separate projections feed the top-down and bottom-up paths)."""
+
+    def __init__(self, channels: int, in_channels: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.first = in_channels is not None
+        if self.first:
+            c3, c4, c5 = in_channels
+            self.p3_down_channel = projection(c3, channels, bias=True)
+            self.p4_down_channel = projection(c4, channels, bias=True)
+            self.p5_down_channel = projection(c5, channels, bias=True)
+            self.p4_down_channel_2 = projection(c4, channels, bias=True)
+            self.p5_down_channel_2 = projection(c5, channels, bias=True)
+        self.p4_w1 = nn.Parameter(torch.ones(2))
+        self.p3_w1 = nn.Parameter(torch.ones(2))
+        self.p4_w2 = nn.Parameter(torch.ones(3))
+        self.p5_w2 = nn.Parameter(torch.ones(3))  # 3 weights, 2 used (published quirk)
+        self.conv4_up = SeparableConv(channels)
+        self.conv3_up = SeparableConv(channels)
+        self.conv4_down = SeparableConv(channels)
+        self.conv5_down = SeparableConv(channels)
+        self.downsample = SameMaxPool()
+
+    def forward(self, feats: Features) -> Features:
+        if self.first:
+            c3, c4, c5 = feats
+            p3_in, p4_in, p5_in = self.p3_down_channel(c3), self.p4_down_channel(c4), self.p5_down_channel(c5)
+        else:
+            p3_in, p4_in, p5_in = feats
+        p4_td = self.conv4_up(F.silu(fuse(self.p4_w1, [p4_in, upsample_to(p5_in, p4_in)])))
+        p3_out = self.conv3_up(F.silu(fuse(self.p3_w1, [p3_in, upsample_to(p4_td, p3_in)])))
+        if self.first:
+            p4_in, p5_in = self.p4_down_channel_2(c4), self.p5_down_channel_2(c5)
+        p4_out = self.conv4_down(F.silu(fuse(self.p4_w2, [p4_in, p4_td, self.downsample(p3_out)])))
+        p5_out = self.conv5_down(F.silu(fuse(self.p5_w2, [p5_in, self.downsample(p4_out)])))
+        return p3_out, p4_out, p5_out
+
+
+class BiFPN(nn.Sequential):
+    """`num_cells` stacked V1 cells; forward((C3, C4, C5)) -> (P3, P4, P5), each (B, C, ., .)."""
+
+    def __init__(self, channels: int, in_channels: Sequence[int], num_cells: int = 3) -> None:
+        super().__init__(*[BiFPNCell(channels, in_channels if i == 0 else None) for i in range(num_cells)])
+
+
+class DepthwiseSeparableConv(nn.Module):
+    """V2 conv block: dw3x3 (no bias) -> BN -> ReLU -> pw1x1 (no bias) -> BN."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, 1, 1, groups=channels, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class BiFPNLightCell(nn.Module):
+    """One V2 BiFPN cell (spec 3). P5_out fuses [P5_in, pool(P4_out), pool(P4_td)]."""
+
+    def __init__(self, channels: int, in_channels: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.projections = (
+            nn.ModuleList(projection(c, channels, bias=False) for c in in_channels) if in_channels else None
+        )
+        self.p4_w1 = nn.Parameter(torch.ones(2))
+        self.p3_w1 = nn.Parameter(torch.ones(2))
+        self.p4_w2 = nn.Parameter(torch.ones(3))
+        self.p5_w2 = nn.Parameter(torch.ones(3))
+        self.conv4_up = DepthwiseSeparableConv(channels)
+        self.conv3_up = DepthwiseSeparableConv(channels)
+        self.conv4_down = DepthwiseSeparableConv(channels)
+        self.conv5_down = DepthwiseSeparableConv(channels)
+        self.downsample = nn.MaxPool2d(3, 2, padding=1)
+
+    def forward(self, feats: Features) -> Features:
+        if self.projections is not None:
+            feats = [proj(f) for proj, f in zip(self.projections, feats)]
+        p3_in, p4_in, p5_in = feats
+        p4_td = self.conv4_up(F.silu(fuse(self.p4_w1, [p4_in, upsample_to(p5_in, p4_in)])))
+        p3_out = self.conv3_up(F.silu(fuse(self.p3_w1, [p3_in, upsample_to(p4_td, p3_in)])))
+        p4_out = self.conv4_down(F.silu(fuse(self.p4_w2, [p4_in, p4_td, self.downsample(p3_out)])))
+        p5_out = self.conv5_down(
+            F.silu(fuse(self.p5_w2, [p5_in, self.downsample(p4_out), self.downsample(p4_td)]))
+        )
+        return p3_out, p4_out, p5_out
+
+
+class BiFPNLight(nn.Sequential):
+    """`num_cells` stacked V2 cells; forward((C3, C4, C5)) -> (P3, P4, P5)."""
+
+    def __init__(self, channels: int, in_channels: Sequence[int], num_cells: int = 2) -> None:
+        super().__init__(*[BiFPNLightCell(channels, in_channels if i == 0 else None) for i in range(num_cells)])

@@ -1,0 +1,139 @@
+"""Context modules (SSH) and the channel shuffles that follow them.
+
+V1 (spec 2.4/2.5): SSH whose 3x3 convs are modulated deformable convs, then a channel shuffle
+(parameter-free, or the published conv block). V2 (spec 3): grouped SSH with plain convs and a
+light grouped-conv shuffle.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.deform_conv import DeformableConv2d
+
+
+def channel_shuffle(x: torch.Tensor, groups: int, order: str = "standard") -> torch.Tensor:
+    """Permute channels across groups.
+
+    "standard" (ShuffleNet): view (B, g, C/g, H, W) -> transpose. "official": the published
+    FeatherFace ChannelShuffle2 views (B, C/g, g, H, W) -> transpose; for g=2 the two are
+    inverse permutations, so a checkpoint trained with one is wrong with the other.
+    """
+    b, c, h, w = x.shape
+    if order == "standard":
+        x = x.reshape(b, groups, c // groups, h, w)
+    elif order == "official":
+        x = x.reshape(b, c // groups, groups, h, w)
+    else:
+        raise ValueError(f"unknown shuffle order {order!r}")
+    return x.transpose(1, 2).reshape(b, c, h, w)
+
+
+class ChannelShuffle(nn.Module):
+    """Parameter-free channel shuffle."""
+
+    def __init__(self, groups: int = 2, order: str = "standard") -> None:
+        super().__init__()
+        self.groups, self.order = groups, order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return channel_shuffle(x, self.groups, self.order)
+
+
+def conv_shuffle_block(channels: int, order: str = "official") -> nn.Sequential:
+    """The published V1 shuffle block: shuffle(2), 1x1 C->C/2, BN, dw3x3, BN, 1x1 C/2->C, BN, ReLU.
+
+    Indices match the published checkpoint (`ssh1_cs.1.weight` ...). 4,640 params at C=64.
+    """
+    half = channels // 2
+    return nn.Sequential(
+        ChannelShuffle(2, order),
+        nn.Conv2d(channels, half, 1, bias=False),
+        nn.BatchNorm2d(half),
+        nn.Conv2d(half, half, 3, 1, 1, groups=half, bias=False),
+        nn.BatchNorm2d(half),
+        nn.Conv2d(half, channels, 1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def light_shuffle_block(channels: int, groups: int = 4) -> nn.Sequential:
+    """V2 shuffle: shuffle(g), grouped 1x1 C->C/2 + BN + ReLU, grouped 1x1 C/2->C + BN + ReLU."""
+    half = channels // 2
+    return nn.Sequential(
+        ChannelShuffle(groups, "standard"),
+        nn.Conv2d(channels, half, 1, groups=groups, bias=False),
+        nn.BatchNorm2d(half),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(half, channels, 1, groups=groups, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def deform_bn(in_ch: int, out_ch: int, act: bool, leaky: float = 0.1) -> nn.Sequential:
+    """DCB (deformable conv + BN) or, with act, DCBR (+ LeakyReLU)."""
+    layers = [DeformableConv2d(in_ch, out_ch, 3, 1, 1), nn.BatchNorm2d(out_ch)]
+    if act:
+        layers.append(nn.LeakyReLU(leaky, inplace=True))
+    return nn.Sequential(*layers)
+
+
+class SSH(nn.Module):
+    """V1 SSH (spec 2.4): three receptive fields from stacked deformable 3x3 convs.
+
+    forward (B, C, H, W) -> (B, C, H, W) = ReLU(concat[C/2, C/4, C/4]).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if channels % 4:
+            raise ValueError(f"SSH needs channels divisible by 4, got {channels}")
+        quarter = channels // 4
+        self.conv3x3 = deform_bn(channels, channels // 2, act=False)
+        self.conv5x5_1 = deform_bn(channels, quarter, act=True)
+        self.conv5x5_2 = deform_bn(quarter, quarter, act=False)
+        self.conv7x7_2 = deform_bn(quarter, quarter, act=True)
+        self.conv7x7_3 = deform_bn(quarter, quarter, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch3 = self.conv3x3(x)
+        mid = self.conv5x5_1(x)
+        branch5 = self.conv5x5_2(mid)
+        branch7 = self.conv7x7_3(self.conv7x7_2(mid))
+        return torch.relu(torch.cat([branch3, branch5, branch7], dim=1))
+
+
+def _grouped_conv_bn(in_ch: int, out_ch: int, groups: int, act: bool) -> list:
+    layers = [nn.Conv2d(in_ch, out_ch, 3, 1, 1, groups=groups, bias=False), nn.BatchNorm2d(out_ch)]
+    return layers + [nn.ReLU(inplace=True)] if act else layers
+
+
+def _pointwise_bn_relu(in_ch: int, out_ch: int) -> list:
+    return [nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+
+
+class SSHGrouped(nn.Module):
+    """V2 SSH (spec 3): 1x1 reductions then grouped 3x3 convs, no deformable convs.
+
+    2,064 params at C=32, groups 4. forward (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, channels: int, groups: int = 4) -> None:
+        super().__init__()
+        half, quarter = channels // 2, channels // 4
+        self.conv3x3 = nn.Sequential(*_pointwise_bn_relu(channels, half), *_grouped_conv_bn(half, half, groups, False))
+        self.conv5x5_1 = nn.Sequential(
+            *_pointwise_bn_relu(channels, quarter), *_grouped_conv_bn(quarter, quarter, groups, False)
+        )
+        self.conv5x5_2 = nn.Sequential(*_grouped_conv_bn(quarter, quarter, groups, False))
+        self.conv7x7_2 = nn.Sequential(*_grouped_conv_bn(quarter, quarter, groups, True))
+        self.conv7x7_3 = nn.Sequential(*_grouped_conv_bn(quarter, quarter, groups, False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch3 = self.conv3x3(x)
+        mid = self.conv5x5_1(x)
+        branch5 = self.conv5x5_2(mid)
+        branch7 = self.conv7x7_3(self.conv7x7_2(mid))
+        return torch.relu(torch.cat([branch3, branch5, branch7], dim=1))
