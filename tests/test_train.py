@@ -1,0 +1,151 @@
+"""train.py end to end on the shipped sample: short runs, resume, bad data, failures."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from tests.conftest import ROOT, shared_path
+from utils.checkpoint import atomic_torch_save, load_checkpoint, load_model
+from utils.errors import FeatherFaceError
+from utils.trainer import BadDatasetError, NonFiniteLossError, Trainer
+
+SAMPLE = ROOT / "data" / "sample" / "label.txt"
+
+
+def make_args(tmp_path: Path, *extra: str, model: str = "v1_slim"):
+    return train.get_args_parser().parse_args([
+        "--model", model, "--training_dataset", str(SAMPLE), "--image_size", "96", "--batch_size", "2",
+        "--epochs", "2", "--device", "cpu", "--num_workers", "0", "--save_folder", str(tmp_path / "w"),
+        "--log_dir", str(tmp_path / "runs"), "--name", "t", "--pretrained_backbone", "none", "--quiet",
+        "--save_interval", "0", *extra,
+    ])
+
+
+def test_help_needs_no_data():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--pretrained_backbone" in out.stdout and "--resume" in out.stdout
+
+
+def test_two_iteration_run_writes_checkpoint_and_logs(tmp_path):
+    state = train.main(make_args(tmp_path, "--max_iters", "2"))
+    assert state.iteration == 2 and "max_iters" in state.stop_reason
+    model, blob = load_model(tmp_path / "w" / "t" / "last.pth")
+    assert model.config.name == "v1_slim" and blob["run_state"]["iteration"] == 2
+    assert {"optimizer", "scheduler", "scaler", "args", "rng"} <= set(blob)
+    assert (tmp_path / "runs" / "t" / "args.json").is_file()
+    assert list((tmp_path / "runs" / "t").glob("events.out.tfevents.*"))
+
+
+def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
+    # v2 uses DropBlock, so this also checks that the RNG state is restored.
+    full = train.main(make_args(tmp_path / "a", model="v2"))  # 2 epochs x 2 iterations
+    assert full.iteration == 4
+    train.main(make_args(tmp_path / "b", "--max_iters", "3", model="v2"))  # stops inside epoch 2
+    resumed = train.main(make_args(tmp_path / "b", "--resume", str(tmp_path / "b" / "w" / "t" / "last.pth"), model="v2"))
+    assert resumed.iteration == 4
+    a = load_checkpoint(tmp_path / "a" / "w" / "t" / "last.pth")["model"]
+    b = load_checkpoint(tmp_path / "b" / "w" / "t" / "last.pth")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_overfit_four_images_drives_loss_down(tmp_path):
+    images = ROOT / "data" / "sample" / "images"
+    text = SAMPLE.read_text()
+    group = text[text.index("# group_8.jpg"):]
+    group = group[: group.index("#", 2)] if "#" in group[2:] else group
+    label = tmp_path / "label.txt"  # 4 entries: the 3 shipped photos + group_8 again
+    label.write_text((text + group).replace("# ", f"# {images}/"))
+    args = make_args(tmp_path, "--epochs", "20", "--lr", "5e-3", "--batch_size", "4", "--no_augment", model="v2")
+    args.training_dataset = str(label)
+    state = train.main(args)
+    losses = [h["loss"] for h in state.history]
+    assert len(state.history) == 20 and state.history[0]["images_per_s"] > 0
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_bad_data_refuses_to_start_then_skips(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(ROOT / "data" / "sample" / "images" / "group_8.jpg", images / "good.jpg")
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    label = tmp_path / "label.txt"
+    label.write_text("# good.jpg\n10 10 40 40\n# corrupt.jpg\n10 10 40 40\n# missing.jpg\n5 5 20 20\n")
+    args = make_args(tmp_path, "--max_iters", "1")
+    args.training_dataset = str(label)
+    with pytest.raises(BadDatasetError, match="--skip_bad_samples"):
+        train.main(args)
+    args.skip_bad_samples = True
+    state = train.main(args)
+    assert state.iteration == 1
+    out = subprocess.run([sys.executable, "train.py", "--training_dataset", str(label), "--device", "cpu",
+                          "--save_folder", str(tmp_path / "x"), "--log_dir", str(tmp_path / "x")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "error:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    train.main(make_args(tmp_path, "--epochs", "1"))
+    last = tmp_path / "w" / "t" / "last.pth"
+    good = load_checkpoint(last)["model"]
+    real = Trainer.compute_loss
+
+    def poisoned(self, images, targets):
+        parts = real(self, images, targets)
+        parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(Trainer, "compute_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+        train.main(make_args(tmp_path, "--epochs", "2", "--resume", str(last)))
+    after = load_checkpoint(last)["model"]
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+def test_killed_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pth"
+    atomic_torch_save({"format": "x", "value": 1}, path)
+
+    def crash(obj, f, *a, **k):
+        f.write(b"partial")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"value": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["value"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp file left behind
+
+
+def test_resume_with_another_model_is_a_clear_error(tmp_path):
+    train.main(make_args(tmp_path, "--max_iters", "1"))
+    with pytest.raises(FeatherFaceError, match="trained as 'v1_slim'"):
+        train.main(make_args(tmp_path, "--resume", str(tmp_path / "w" / "t" / "last.pth"), model="v2"))
+
+
+def test_pretrained_backbone_from_shared_file(tmp_path):
+    path = shared_path("weights", "mobilenetV1X0.25_pretrain.tar")
+    state = train.main(make_args(tmp_path, "--max_iters", "1", "--pretrained_backbone", str(path)))
+    assert state.iteration == 1
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "train.py", "--model", "v1_slim", "--training_dataset", str(SAMPLE), "--image_size", "96",
+           "--batch_size", "1", "--epochs", "1", "--device", "cpu", "--num_workers", "0",
+           "--save_folder", str(tmp_path / "w"), "--log_dir", str(tmp_path / "runs"), "--name", "ddp",
+           "--pretrained_backbone", "none", "--quiet"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    blob = load_checkpoint(tmp_path / "w" / "ddp" / "last.pth")
+    assert blob["run_state"]["iteration"] == 2  # 3 images over 2 ranks, batch 1 -> 2 steps each

@@ -1,0 +1,36 @@
+"""Train FeatherFace V1 (or any registered model) on WIDER FACE-format labels.
+
+    python train.py --network mobile0.25 --epochs 350                      # one GPU
+    torchrun --nproc_per_node 4 train.py --network mobile0.25 --epochs 350  # several GPUs
+    python train.py --epochs 2 --image_size 320 --batch_size 4 --device cpu # CPU, shipped sample
+"""
+from __future__ import annotations
+
+import argparse
+
+from data.config import CONFIGS
+from models import build_model
+from utils.errors import run_cli
+from utils.trainer import DEFAULT_BACKBONE, Trainer, add_training_args, load_backbone_if_any, set_seed
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a FeatherFace detector (V1 by default).")
+    parser.add_argument("--network", choices=["mobile0.25"], default="mobile0.25",
+                        help="backbone (FeatherFace uses MobileNetV1-0.25)")
+    parser.add_argument("--model", choices=sorted(CONFIGS), default="v1", help="which FeatherFace to train")
+    parser.add_argument("--pretrained_backbone", default=DEFAULT_BACKBONE,
+                        help="ImageNet MobileNetV1-0.25 weights ('none' = from scratch)")
+    return add_training_args(parser, epochs=350, name="featherface_v1")
+
+
+def main(args: argparse.Namespace):
+    set_seed(args.seed)
+    model = build_model(args.model)
+    if not args.resume:
+        load_backbone_if_any(model, args.pretrained_backbone, print)
+    return Trainer(args, model).fit()
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())

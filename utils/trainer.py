@@ -1,0 +1,472 @@
+"""The training loop shared by train.py (V1) and train_v2.py (V2 distillation).
+
+`Trainer` owns everything about a run that is not the loss: devices and DDP, data loading
+(deterministic per (seed, epoch, index), so a resumed run sees exactly the batches an
+uninterrupted one would), optimizer and per-iteration LR schedule, AMP, gradient clipping,
+TensorBoard, atomic full-state checkpoints and resume. Subclasses change `compute_loss` and
+the epoch-end hooks (see train_v2.DistillationTrainer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from data.augment import TrainTransform, ValTransform
+from data.check import check_dataset
+from data.wider_face import WiderFaceDataset, detection_collate
+from layers.gradient_clipper import GradientClipper
+from layers.multibox_loss import MultiBoxLoss
+from layers.prior_box import prior_boxes_for
+from models.backbone import load_pretrained_backbone
+from utils.checkpoint import atomic_torch_save, load_checkpoint, load_state_strict, save_checkpoint, unwrap
+from utils.errors import CheckpointError, FeatherFaceError
+
+DEFAULT_BACKBONE = "weights/mobilenetV1X0.25_pretrain.tar"
+
+
+class NonFiniteLossError(FeatherFaceError):
+    """The loss became NaN/inf; the run stops and the last good checkpoint is kept."""
+
+
+class BadDatasetError(FeatherFaceError):
+    """The training data failed the pre-flight check."""
+
+
+def add_training_args(parser: argparse.ArgumentParser, epochs: int, name: str) -> argparse.ArgumentParser:
+    """Flags common to train.py and train_v2.py (run machinery, data, optimisation)."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--training_dataset", default="data/sample/label.txt",
+                   help="label file (RetinaFace label.txt or official wider_face_train_bbx_gt.txt); "
+                        "images are read from images/ beside it unless --image_root is given")
+    g.add_argument("--image_root", default=None, help="folder the label file's image paths are relative to")
+    g.add_argument("--val_dataset", default=None, help="optional label file for a validation loss")
+    g.add_argument("--val_interval", type=int, default=1, help="validate every N epochs")
+    g.add_argument("--image_size", type=int, default=640, help="square training input size")
+    g.add_argument("--num_workers", type=int, default=4, help="data-loading worker processes")
+    g.add_argument("--no_augment", action="store_true",
+                   help="only pad and resize training images (sanity checks such as overfitting a few images)")
+    g.add_argument("--skip_bad_samples", action="store_true",
+                   help="drop images that fail the data check instead of refusing to start")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
+    g.add_argument("--batch_size", type=int, default=32, help="images per batch per process")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="optimizer")
+    g.add_argument("--lr", type=float, default=1e-3, help="initial learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight_decay", type=float, default=5e-4, help="weight decay")
+    g.add_argument("--scheduler", choices=["step", "cosine"], default="step",
+                   help="step: x0.1 at --decay1 and --decay2; cosine: to 0 at the last epoch")
+    g.add_argument("--decay1", type=int, default=190, help="first step-decay epoch")
+    g.add_argument("--decay2", type=int, default=220, help="second step-decay epoch")
+    g.add_argument("--warmup_epochs", type=float, default=0.0, help="linear LR warm-up length in epochs")
+    g.add_argument("--gradient_clip", type=float, default=0.0, help="max gradient norm (0 = no clipping)")
+    g.add_argument("--neg_pos_ratio", type=int, default=7, help="hard-negative mining ratio (3 or 7)")
+    g.add_argument("--loc_weight", type=float, default=2.0, help="weight of the box regression loss")
+    g = parser.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init)")
+    g.add_argument("--save_folder", default="weights/", help="where checkpoints are written")
+    g.add_argument("--name", default=name, help=f"run name: checkpoints in SAVE_FOLDER/NAME, logs in runs/NAME (default {name})")
+    g.add_argument("--save_interval", type=int, default=10, help="also keep epoch_N.pth every N epochs (0 = never)")
+    g.add_argument("--resume", default=None, help="checkpoint to continue from (its full state is restored)")
+    g.add_argument("--max_iters", type=int, default=0,
+                   help="stop after this many iterations in total and save (0 = run all epochs)")
+    g.add_argument("--log_dir", default="runs", help="TensorBoard root folder")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+# ----------------------------------------------------------------------------- data
+class SeededTrainSet(Dataset):
+    """Training items whose augmentation is seeded by (seed, epoch, index): reproducible
+    across resumes, worker counts and DDP ranks."""
+
+    def __init__(self, dataset: WiderFaceDataset, image_size: int, seed: int, augment: bool = True) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.transform = TrainTransform(image_size) if augment else None
+        self.plain = ValTransform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, boxes, landmarks, labels = self.dataset.load(index)
+        if self.transform is None:
+            return self.plain(image, boxes, landmarks, labels)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return self.transform.apply(image, boxes, landmarks, labels, rng)
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled indices from a generator seeded by (seed, epoch), sharded over DDP ranks,
+    optionally skipping the first `skip_batches` batches (mid-epoch resume)."""
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.size, self.seed, self.rank, self.world = size, seed, rank, world
+        self.epoch, self.skip = 0, 0
+
+    def indices(self) -> List[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        per_rank = math.ceil(self.size / self.world)
+        order += order[: per_rank * self.world - self.size]  # pad so every rank gets the same count
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        return iter(self.indices()[self.skip:])
+
+    def __len__(self) -> int:
+        return len(self.indices()) - self.skip
+
+
+def build_train_set(args: argparse.Namespace, log) -> WiderFaceDataset:
+    """Pre-flight check of the training labels and images, then the dataset."""
+    report = check_dataset(args.training_dataset, args.image_root)
+    if report.problems:
+        for problem in report.problems[:20]:
+            log(f"  {problem}")
+        if len(report.problems) > 20:
+            log(f"  ... {len(report.problems) - 20} more")
+        if not args.skip_bad_samples:
+            raise BadDatasetError(
+                f"{len(report.problems)} problem(s) in {args.training_dataset} (listed above; "
+                f"`python -m data.check {args.training_dataset}` lists them all). Fix them or pass "
+                f"--skip_bad_samples to drop the {len(report.bad_samples)} affected image(s)."
+            )
+        log(f"--skip_bad_samples: dropping {len(report.bad_samples)} image(s) with problems")
+    dataset = WiderFaceDataset(args.training_dataset, args.image_root, skip=report.bad_samples)
+    if len(dataset) == 0:
+        raise BadDatasetError(f"no usable images in {args.training_dataset}")
+    return dataset
+
+
+# ----------------------------------------------------------------------------- schedule
+def lr_factor(args: argparse.Namespace, iteration: int, iters_per_epoch: int) -> float:
+    """LR multiplier at a global iteration: linear warm-up, then step or cosine decay."""
+    epoch = iteration / iters_per_epoch
+    if args.warmup_epochs > 0 and epoch < args.warmup_epochs:
+        return max(epoch / args.warmup_epochs, 1e-3)
+    if args.scheduler == "cosine":
+        span = max(args.epochs - args.warmup_epochs, 1e-9)
+        return 0.5 * (1 + math.cos(math.pi * min((epoch - args.warmup_epochs) / span, 1.0)))
+    return 0.1 ** ((epoch >= args.decay1) + (epoch >= args.decay2))
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunState:
+    """What a checkpoint must hold beyond the module states to continue exactly."""
+
+    epoch: int = 0  # current epoch (0-based)
+    epoch_iter: int = 0  # batches of `epoch` already done
+    iteration: int = 0  # global optimizer steps
+    best_metric: float = math.inf  # best validation loss (or training loss without val)
+    history: List[Dict[str, float]] = field(default_factory=list)
+    stop_reason: str = ""
+
+
+class Trainer:
+    """Runs training for a FeatherFace model; see module docstring."""
+
+    def __init__(self, args: argparse.Namespace, model: nn.Module) -> None:
+        self.args = args
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.device = self._setup_device(args.device)
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.is_main = self.rank == 0
+        set_seed(args.seed + self.rank)
+        self.amp = bool(args.amp and self.device.type == "cuda")
+        if args.amp and not self.amp:
+            self.log("--amp needs CUDA; training in float32")
+
+        self.dataset = build_train_set(args, self.log)
+        self.train_set = SeededTrainSet(self.dataset, args.image_size, args.seed, not args.no_augment)
+        self.sampler = EpochSampler(len(self.dataset), args.seed, self.rank, self.world)
+        self.iters_per_epoch = math.ceil(len(self.sampler.indices()) / args.batch_size)
+        self.val_set = (
+            WiderFaceDataset(args.val_dataset, transform=ValTransform(args.image_size)) if args.val_dataset else None
+        )
+
+        self.model = model.to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: lr_factor(args, it, self.iters_per_epoch)
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.clipper = GradientClipper(args.gradient_clip) if args.gradient_clip > 0 else None
+        config = unwrap(self.model).config
+        self.priors = prior_boxes_for(config, (args.image_size, args.image_size), device=self.device)
+        self.criterion = MultiBoxLoss(2, 0.35, args.neg_pos_ratio, config.variance, args.loc_weight)
+        self.state = RunState()
+        self.save_dir = Path(args.save_folder) / args.name
+        self.writer = None
+        if args.resume:
+            self._resume(args.resume)
+        if self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.log_dir = Path(args.log_dir) / args.name
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=self.state.iteration or None)
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            args_json = json.dumps(vars(args), indent=2, default=str)
+            (self.log_dir / "args.json").write_text(args_json)
+
+    # ------------------------------------------------------------------ setup
+    def _setup_device(self, name: str) -> torch.device:
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise FeatherFaceError(f"--device {name} asked for, but CUDA is not available")
+        if self.distributed:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            if device.type == "cuda":
+                device = torch.device("cuda", local_rank)
+                torch.cuda.set_device(device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return device
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.args.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.args.lr, momentum=self.args.momentum,
+                                   weight_decay=self.args.weight_decay)
+        return torch.optim.AdamW(params, lr=self.args.lr, weight_decay=self.args.weight_decay)
+
+    def log(self, message: str) -> None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(message, flush=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def extra_state(self) -> Dict[str, Any]:
+        """Subclasses add their own resumable state (teacher path, alpha, early stopping)."""
+        return {}
+
+    def load_extra_state(self, blob: Dict[str, Any]) -> None:
+        pass
+
+    def save(self, name: str) -> Path:
+        path = self.save_dir / name
+        if self.is_main:
+            save_checkpoint(
+                path, self.model,
+                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict(), run_state=vars(self.state).copy(), args=vars(self.args),
+                rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                **self.extra_state(),
+            )
+        return path
+
+    def _resume(self, path: str) -> None:
+        blob = load_checkpoint(path)
+        if "optimizer" not in blob or "run_state" not in blob:
+            raise CheckpointError(f"{path} holds weights only, not a training state; it cannot be resumed")
+        net = unwrap(self.model)
+        if blob["model_config"] != net.config.to_dict():
+            raise CheckpointError(
+                f"{path} was trained as '{blob['model_config'].get('name')}', this run builds '{net.config.name}'"
+            )
+        load_state_strict(net, blob["model"], path)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        self.scaler.load_state_dict(blob["scaler"])
+        self.state = RunState(**{**blob["run_state"], "stop_reason": ""})
+        torch.set_rng_state(blob["rng"]["torch"])
+        np.random.set_state(blob["rng"]["numpy"])
+        random.setstate(blob["rng"]["python"])
+        self.load_extra_state(blob)
+        self.log(f"resumed from {path}: epoch {self.state.epoch + 1}, iteration {self.state.iteration}")
+
+    # ------------------------------------------------------------------ steps
+    def compute_loss(self, images: torch.Tensor, targets: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Loss parts for one batch; "loss" is the total that is back-propagated."""
+        return self.criterion(self.model(images), self.priors, targets)
+
+    def train_step(self, images: torch.Tensor, targets: Sequence[torch.Tensor]) -> Dict[str, float]:
+        images = images.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = [t.to(self.device) for t in targets]
+        with torch.autocast(self.device.type, enabled=self.amp):
+            parts = self.compute_loss(images, targets)
+        loss = parts["loss"]
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss ({float(loss.detach())}) at epoch {self.state.epoch + 1}, iteration "
+                f"{self.state.iteration}; parts {({k: float(v) for k, v in parts.items()})}. "
+                f"The last good checkpoint in {self.save_dir} is kept; try a lower --lr or --gradient_clip 1"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.clipper is not None:
+            grad_norm = self.clipper(self.model.parameters())
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf")))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        out = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()}
+        out["grad_norm"] = grad_norm
+        return out
+
+    @torch.no_grad()
+    def validate(self) -> Dict[str, float]:
+        """Mean loss parts over the validation set (model in eval mode, logits for the loss)."""
+        if self.val_set is None:
+            return {}
+        net = unwrap(self.model)
+        loader = DataLoader(self.val_set, batch_size=self.args.batch_size, collate_fn=detection_collate,
+                            num_workers=min(self.args.num_workers, 2))
+        totals: Dict[str, float] = {}
+        count = 0
+        net.train(False)
+        for images, targets in loader:
+            images = images.to(self.device)
+            feats = net.features(images)
+            outputs = (net.bbox_head(feats), net.class_head(feats), net.landmark_head(feats))
+            parts = self.criterion(outputs, self.priors, [t.to(self.device) for t in targets])
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * len(targets)
+            count += len(targets)
+        net.train(True)
+        return {f"val_{k}": v / count for k, v in totals.items()}
+
+    # ------------------------------------------------------------------ loop
+    def train_one_epoch(self) -> Dict[str, float]:
+        args, state = self.args, self.state
+        self.train_set.epoch = self.sampler.epoch = state.epoch
+        self.sampler.skip = state.epoch_iter * args.batch_size
+        loader = DataLoader(self.train_set, batch_size=args.batch_size, sampler=self.sampler,
+                            collate_fn=detection_collate, num_workers=args.num_workers,
+                            pin_memory=self.device.type == "cuda", drop_last=False,
+                            persistent_workers=False,
+                            # Own generator: creating the loader must not draw from the global
+                            # RNG (DropBlock uses it), or a resumed run would diverge.
+                            generator=torch.Generator().manual_seed(args.seed + state.epoch))
+        self.model.train()
+        sums: Dict[str, float] = {}
+        steps, images_seen, start = 0, 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{args.epochs}", initial=state.epoch_iter,
+                   total=self.iters_per_epoch, disable=args.quiet or not self.is_main, dynamic_ncols=True)
+        for images, targets in bar:
+            parts = self.train_step(images, targets)
+            state.iteration += 1
+            state.epoch_iter += 1
+            steps += 1
+            images_seen += len(targets) * self.world
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if self.writer is not None:
+                for k, v in parts.items():
+                    self.writer.add_scalar(f"train/{k}", v, state.iteration)
+                self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], state.iteration)
+            self.on_step(parts)
+            bar.set_postfix(loss=f"{parts['loss']:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.1e}")
+            if args.max_iters and state.iteration >= args.max_iters:
+                break
+        elapsed = time.perf_counter() - start
+        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+        metrics["images_per_s"] = images_seen / max(elapsed, 1e-9)
+        metrics["epoch_time_s"] = elapsed
+        return metrics
+
+    def on_step(self, parts: Dict[str, float]) -> None:
+        """Per-iteration hook (V2 feeds its training monitor)."""
+
+    def on_epoch_end(self, metrics: Dict[str, float]) -> Optional[str]:
+        """Epoch-end hook; return a reason string to stop training early."""
+        return None
+
+    def fit(self) -> RunState:
+        args, state = self.args, self.state
+        self.log(f"training {unwrap(self.model).config.name} on {len(self.dataset)} images "
+                 f"({self.dataset.num_faces} faces), {self.iters_per_epoch} iterations/epoch, "
+                 f"device {self.device}{' x' + str(self.world) if self.distributed else ''}, "
+                 f"checkpoints in {self.save_dir}" + (f", TensorBoard in {self.log_dir}" if self.is_main else ""))
+        try:
+            while state.epoch < args.epochs:
+                metrics = self.train_one_epoch()
+                if args.max_iters and state.iteration >= args.max_iters and state.epoch_iter < self.iters_per_epoch:
+                    state.stop_reason = f"--max_iters {args.max_iters} reached"
+                    self.save("last.pth")
+                    break
+                if self.val_set is not None and (state.epoch + 1) % args.val_interval == 0:
+                    metrics.update(self.validate())
+                reason = self.on_epoch_end(metrics)
+                score = metrics.get("val_loss", metrics["loss"])
+                improved = score < state.best_metric
+                if improved:
+                    state.best_metric = score
+                state.history.append({"epoch": state.epoch + 1, **metrics})
+                if self.writer is not None:
+                    for k, v in metrics.items():
+                        self.writer.add_scalar(f"epoch/{k}", v, state.epoch + 1)
+                self.log(f"epoch {state.epoch + 1}/{args.epochs}: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in metrics.items()))
+                state.epoch += 1
+                state.epoch_iter = 0
+                if reason:
+                    state.stop_reason = reason
+                self.save("last.pth")
+                if improved:
+                    self.save("best.pth")
+                if args.save_interval and state.epoch % args.save_interval == 0:
+                    self.save(f"epoch_{state.epoch}.pth")
+                if reason:
+                    self.log(f"stopping early: {reason}")
+                    break
+                if args.max_iters and state.iteration >= args.max_iters:
+                    state.stop_reason = f"--max_iters {args.max_iters} reached"
+                    break
+            else:
+                state.stop_reason = state.stop_reason or f"finished {args.epochs} epochs"
+            if state.stop_reason and self.is_main:
+                self.save("last.pth")
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        self.log(f"done: {state.stop_reason}; last checkpoint {self.save_dir / 'last.pth'}")
+        return state
+
+
+def load_backbone_if_any(model: nn.Module, path: Optional[str], log) -> None:
+    """Initialise the backbone from ImageNet weights; the default path may be absent."""
+    if not path or path.lower() == "none":
+        log("training from scratch (no --pretrained_backbone)")
+        return
+    if not Path(path).is_file():
+        if path == DEFAULT_BACKBONE:
+            log(f"note: {DEFAULT_BACKBONE} not found, training the backbone from scratch "
+                f"(see weights/README.md for the ImageNet file)")
+            return
+        raise FileNotFoundError(f"--pretrained_backbone {path} does not exist")
+    load_pretrained_backbone(unwrap(model).body, path)
+    log(f"backbone initialised from {path}")
