@@ -5,7 +5,7 @@ no scaling: input = float32(BGR) - (104, 117, 123), laid out CHW.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -54,11 +54,13 @@ def preprocess(image_bgr: np.ndarray, scale: float = 1.0) -> torch.Tensor:
     return chw.sub_(_MEAN_CHW)
 
 
-def preprocess_batch(images_bgr: Sequence[np.ndarray], scale: float = 1.0) -> Tuple[torch.Tensor, Tuple[int, int]]:
+def preprocess_batch(images_bgr: Sequence[np.ndarray], scale: Union[float, Sequence[float]] = 1.0
+                     ) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """Several images -> one (B, 3, H, W) tensor, zero-padded (after mean removal) to the
-    largest H and W, bottom/right, so box coordinates are unchanged. Returns the batch and
-    its (H, W)."""
-    tensors = [preprocess(im, scale) for im in images_bgr]
+    largest H and W, bottom/right, so box coordinates are unchanged. `scale` is one factor
+    for all images or one per image. Returns the batch and its (H, W)."""
+    scales = [scale] * len(images_bgr) if isinstance(scale, (int, float)) else list(scale)
+    tensors = [preprocess(im, s) for im, s in zip(images_bgr, scales)]
     height = max(t.shape[1] for t in tensors)
     width = max(t.shape[2] for t in tensors)
     batch = torch.zeros(len(tensors), 3, height, width)
