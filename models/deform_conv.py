@@ -9,6 +9,7 @@ reproduces torchvision's sampling rules (ARCHITECTURE.md section 2.4) several ti
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -26,6 +27,8 @@ _forced_backend: Optional[str] = None
 # Relative cost of gathering + blending one sampled element versus one multiply-add inside a
 # matrix multiply (measured on CPU: ~0.4 ns vs ~0.02 ns); used to pick the cheaper order.
 _GATHER_COST = 16
+# Elements of gathered corner values per chunk of taps (2 MiB in float32): small enough for L2.
+_CHUNK_ELEMENTS = 2**19
 
 
 def _pair(v: IntPair, name: str) -> Tuple[int, int]:
@@ -49,7 +52,7 @@ def get_deform_backend() -> Optional[str]:
 
 @contextlib.contextmanager
 def deform_backend(name: str) -> Iterator[None]:
-    """Force every deformable conv inside the block onto one backend ("auto", "torchvision", "fast")."""
+    """Force every deformable conv in the block onto "auto", "torchvision" or "fast"."""
     global _forced_backend
     previous = _forced_backend
     _forced_backend = _check_backend(name)
@@ -88,7 +91,7 @@ def deform_conv2d(
     mask: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
-    """torchvision.ops.deform_conv2d with backend dispatch; `deform_backend()` overrides `backend`."""
+    """torchvision.ops.deform_conv2d with backend dispatch (`deform_backend()` wins)."""
     chosen = _check_backend(_forced_backend if _forced_backend is not None else backend)
     if _uses_fast(chosen, input):
         if input.dtype in (torch.float32, torch.float64):
@@ -184,35 +187,47 @@ def _sampling_plan(
     b, _, ho, wo = offset.shape
     h, w = in_hw
     kh, kw = kernel
-    taps = kh * kw
+    taps, p = kh * kw, ho * wo
     dev, dt = offset.device, offset.dtype
-    tap_y = torch.arange(kh, device=dev).repeat_interleave(kw) * dilation[0]
-    tap_x = torch.arange(kw, device=dev).repeat(kh) * dilation[1]
-    base_y = tap_y.view(taps, 1, 1, 1) + (torch.arange(ho, device=dev) * stride[0] - padding[0]).view(1, 1, ho, 1)
-    base_x = tap_x.view(taps, 1, 1, 1) + (torch.arange(wo, device=dev) * stride[1] - padding[1]).view(1, 1, 1, wo)
-    off = offset.view(b, taps, 2, ho, wo).transpose(0, 1)  # (K, B, 2, Ho, Wo)
+    # Integer grid position of every tap at every output location, (K, 2, P) as (y, x).
+    tap_y = torch.arange(kh, device=dev).repeat_interleave(kw) * dilation[0] - padding[0]
+    tap_x = torch.arange(kw, device=dev).repeat(kh) * dilation[1] - padding[1]
+    out_y = (torch.arange(ho, device=dev) * stride[0]).repeat_interleave(wo)
+    out_x = (torch.arange(wo, device=dev) * stride[1]).repeat(ho)
+    grid = torch.stack([tap_y[:, None] + out_y, tap_x[:, None] + out_x], 1).to(dt)
     # Same arithmetic as torchvision: integer grid position (as float) plus the learned offset.
-    py = base_y.to(dt) + off[:, :, 0]
-    px = base_x.to(dt) + off[:, :, 1]
-    y0 = py.floor()
-    x0 = px.floor()
-    ly = (py - y0).reshape(taps, -1)
-    lx = (px - x0).reshape(taps, -1)
-    hy = 1 - ly
-    hx = 1 - lx
-    m = mask.transpose(0, 1).reshape(taps, -1)
-    weights = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], 1).mul_(m.unsqueeze(1))
+    pos = torch.add(offset.view(b, taps, 2, p).permute(1, 2, 0, 3), grid.unsqueeze(2),
+                    out=offset.new_empty(taps, 2, b, p))  # (K, axis, B, P)
+    low = pos.floor()
+    frac = pos.sub_(low)
+    # Per axis, corner j=0 gets 1 - frac and corner j=1 gets frac: (K, j, axis, B, P).
+    corner_of = frac.new_tensor([0.0, 1.0]).view(1, 2, 1, 1, 1)
+    axis_weights = torch.addcmul(1 - corner_of, 2 * corner_of - 1, frac.unsqueeze(1))
+    weights = torch.mul(axis_weights[:, :, 0].unsqueeze(2), axis_weights[:, :, 1].unsqueeze(1),
+                        out=offset.new_empty(taps, 2, 2, b, p))  # (K, jy, jx, B, P)
+    weights.mul_(mask.view(b, taps, p).transpose(0, 1).view(taps, 1, 1, b, p))
     # The table has a one-pixel zero border, so clamping a corner to [-1, H] (or [-1, W]) lands
     # it on a zero whenever it lies outside the image: torchvision's per-corner validity rule,
     # without masks. Clamping in float first keeps huge offsets from overflowing int64.
+    # Row/column arithmetic stays in float (exact below 2**24) until one final conversion.
     wp = w + 2
-    image_start = (torch.arange(b, device=dev) * ((h + 2) * wp)).view(1, b, 1, 1)
-    r0 = (y0.clamp(-1, h) + 1).long() * wp + image_start
-    r1 = ((y0 + 1).clamp(-1, h) + 1).long() * wp + image_start
-    c0 = (x0.clamp(-1, w) + 1).long()
-    c1 = ((x0 + 1).clamp(-1, w) + 1).long()
-    idx = torch.stack([r0 + c0, r0 + c1, r1 + c0, r1 + c1], 1).view(taps, 4, -1)
-    return idx, weights, ly, lx
+    index_dt = dt if (h + 2) * wp < 2**24 else torch.float64
+    # NaN offsets must give NaN outputs (caught as a non-finite loss), not an index error.
+    low = torch.nan_to_num(low.to(index_dt), nan=-1.0)
+    rows = low.new_empty(taps, 2, b, p)  # (K, jy, B, P)
+    cols = low.new_empty(taps, 2, b, p)  # (K, jx, B, P)
+    torch.clamp(low[:, 0], -1, h, out=rows[:, 0])
+    torch.clamp(low[:, 0] + 1, -1, h, out=rows[:, 1])
+    torch.clamp(low[:, 1], -1, w, out=cols[:, 0])
+    torch.clamp(low[:, 1] + 1, -1, w, out=cols[:, 1])
+    rows.add_(1).mul_(wp)
+    cols.add_(1)
+    idx = torch.add(rows.unsqueeze(2), cols.unsqueeze(1)).long()  # (K, jy, jx, B, P)
+    if b > 1:
+        idx += torch.arange(b, device=dev).view(b, 1) * ((h + 2) * wp)
+    n = b * p
+    ly, lx = frac[:, 0].reshape(taps, n), frac[:, 1].reshape(taps, n)
+    return idx.view(taps, 4, n), weights.view(taps, 4, n), ly, lx
 
 
 def _bordered_table(x: Tensor) -> Tensor:
@@ -230,13 +245,53 @@ def _project_first(rows: int, n: int, cin: int, cout: int) -> bool:
     return project < sample
 
 
+def _tap_chunks(taps: int, n: int, width: int) -> List[Tuple[int, int]]:
+    """Split the taps so one chunk's gathered corners (T, 4, N, width) stay cache-sized.
+
+    Large maps go one tap at a time; small maps take all taps in one go, which saves the
+    per-op overhead that dominates there.
+    """
+    step = max(1, min(taps, _CHUNK_ELEMENTS // (4 * n * width)))
+    return [(t, min(t + step, taps)) for t in range(0, taps, step)]
+
+
+def _chunk_rows(idx: Tensor, t0: int, t1: int) -> Tensor:
+    """Rows of the (R*T, C) view of a (R, T*C) per-chunk projection, flattened as (T, 4, N)."""
+    rows = idx[t0:t1]
+    if t1 - t0 > 1:
+        rows = rows * (t1 - t0) + torch.arange(t1 - t0, device=idx.device).view(-1, 1, 1)
+    return rows.reshape(-1)
+
+
+def _tap_columns(w_taps: Tensor, t0: int, t1: int) -> Tensor:
+    """Contiguous (Cin, T*Cout) weights of taps t0..t1-1, side by side."""
+    return w_taps[t0:t1].transpose(0, 1).reshape(w_taps.shape[1], -1)
+
+
+def _blend(corners: Tensor, weights: Tensor, out: Tensor) -> Tensor:
+    """out (T, N, C) += sum over c of weights[:, c] * corners[:, c]; corners (T, 4, N, C)."""
+    for c in range(4):
+        out.addcmul_(corners[:, c], weights[:, c].unsqueeze(-1))
+    return out
+
+
+class _Scratch:
+    """Named flat buffers, each allocated once and handed out as contiguous views."""
+
+    def __init__(self, like: Tensor, **sizes: int) -> None:
+        self.buffers = {name: like.new_empty(size) for name, size in sizes.items() if size > 0}
+
+    def get(self, name: str, *shape: int) -> Tensor:
+        return self.buffers[name][: math.prod(shape)].view(shape)
+
+
 class _DeformConv2dFast(torch.autograd.Function):
-    """Bilinear gather per tap with shared corner indices, then per-tap matrix multiplies.
+    """Bilinear gather with shared corner indices per tap, then matrix multiplies.
 
     Sampling commutes with mixing channels, so when Cout < Cin the input is first projected by
     each tap's weight slice and the narrower result is sampled ("project first"); otherwise
-    the input is sampled and then multiplied. Both orders accumulate over the K taps in place
-    into one (N, Cout) buffer, so no (N, Cin*K) column matrix is ever built.
+    the input is sampled and then multiplied. Taps are processed in cache-sized chunks that
+    accumulate into one (N, Cout) buffer, so no (N, Cin*K) column matrix is ever built.
     """
 
     @staticmethod
@@ -255,32 +310,42 @@ class _DeformConv2dFast(torch.autograd.Function):
         b, cin, h, w = x.shape
         cout = weight.shape[0]
         ho, wo = offset.shape[2:]
-        x = x.contiguous()
-        offset = offset.contiguous()
         mask = mask.contiguous()
-        idx, weights, ly, lx = _sampling_plan(offset, mask, (h, w), kernel, stride, padding, dilation)
+        idx, weights, ly, lx = _sampling_plan(
+            offset.contiguous(), mask, (h, w), kernel, stride, padding, dilation
+        )
         table = _bordered_table(x)
+        rows, taps, n = table.shape[0], idx.shape[0], idx.shape[-1]
         # (K, Cin, Cout): tap t's slice of the kernel, ready to right-multiply channels-last rows.
-        w_taps = weight.permute(2, 3, 1, 0).reshape(-1, cin, cout)
-        n = idx.shape[-1]
-        project = _project_first(table.shape[0], n, cin, cout)
+        w_taps = weight.permute(2, 3, 1, 0).reshape(taps, cin, cout)
+        project = _project_first(rows, n, cin, cout)
         width = cout if project else cin
-        # All four corners of a tap are gathered by one index_select into (4, N, width).
-        corners = x.new_empty(4, n, width)
+        chunks = _tap_chunks(taps, n, width)
+        most = max(t1 - t0 for t0, t1 in chunks)
+        # Scratch buffers are reused across chunks: fresh multi-MB allocations page-fault.
+        scratch = _Scratch(x, corners=most * 4 * n * width, blended=most * n * width,
+                           mixed=rows * most * cout if project else 0)
         out = x.new_zeros(n, cout)
-        if project:
-            mixed = x.new_empty(table.shape[0], cout)
-            for t in range(idx.shape[0]):
-                torch.mm(table, w_taps[t], out=mixed)
-                torch.index_select(mixed, 0, idx[t].view(-1), out=corners.view(-1, width))
-                _blend_into(out, corners, weights[t])
-        else:
-            sampled = x.new_empty(n, cin)
-            for t in range(idx.shape[0]):
-                torch.index_select(table, 0, idx[t].view(-1), out=corners.view(-1, width))
-                sampled.zero_()
-                _blend_into(sampled, corners, weights[t])
-                out.addmm_(sampled, w_taps[t])
+        for t0, t1 in chunks:
+            chunk = t1 - t0
+            corners = scratch.get("corners", chunk, 4, n, width)
+            if project:
+                # (R, T*Cout) viewed as (R*T, Cout): row r of chunk tap j sits at r*T + j.
+                mixed = scratch.get("mixed", rows, chunk * cout)
+                torch.mm(table, _tap_columns(w_taps, t0, t1), out=mixed)
+                torch.index_select(mixed.view(-1, cout), 0, _chunk_rows(idx, t0, t1),
+                                   out=corners.view(-1, cout))
+                if chunk == 1:
+                    _blend(corners, weights[t0:t1], out.unsqueeze(0))
+                else:
+                    blended = scratch.get("blended", chunk, n, cout).zero_()
+                    out += _blend(corners, weights[t0:t1], blended).sum(0)
+            else:
+                torch.index_select(table, 0, idx[t0:t1].reshape(-1), out=corners.view(-1, cin))
+                sampled = scratch.get("blended", chunk, n, cin).zero_()
+                _blend(corners, weights[t0:t1], sampled)
+                for j in range(chunk):
+                    out.addmm_(sampled[j], w_taps[t0 + j])
         if bias is not None:
             out += bias
         ctx.save_for_backward(table, idx, weights, ly, lx, mask, w_taps)
@@ -294,55 +359,85 @@ class _DeformConv2dFast(torch.autograd.Function):
         b, cin, h, w, cout, ho, wo, kernel, project, has_bias = ctx.meta
         need_x, need_offset, need_mask, need_weight, need_bias = ctx.needs_input_grad[:5]
         need_coord = need_offset or need_mask
-        taps, n = idx.shape[0], idx.shape[-1]
-        g = grad_out.permute(0, 2, 3, 1).reshape(n, cout)
+        need_table = need_x or need_weight
+        rows, taps, n = table.shape[0], idx.shape[0], idx.shape[-1]
+        g = grad_out.permute(0, 2, 3, 1).reshape(n, cout).contiguous()
 
         g_table = torch.zeros_like(table) if need_x else None
         g_w = table.new_empty(taps, cin, cout) if need_weight else None
         # dots[t, c] = <grad, value at corner c of tap t> per location: offset and mask grads.
         dots = table.new_empty(taps, 4, n) if need_coord else None
-
         width = cout if project else cin
-        corners = table.new_empty(4, n, width)
-        products = table.new_empty(4, n, width)
+        chunks = _tap_chunks(taps, n, width)
+        most = max(t1 - t0 for t0, t1 in chunks)
+        corner_size = most * 4 * n * width
         if project:
-            # Here the gradient flows through mixed_t = table @ w_t, sampled with Cout-wide rows.
-            mixed = table.new_empty(table.shape[0], cout)
-            g_mixed = table.new_empty(table.shape[0], cout) if (need_x or need_weight) else None
-            for t in range(taps):
-                rows = idx[t].view(-1)
-                if need_coord:
-                    torch.mm(table, w_taps[t], out=mixed)
-                    torch.index_select(mixed, 0, rows, out=corners.view(-1, width))
-                    torch.sum(torch.mul(corners, g, out=products), 2, out=dots[t])
-                if g_mixed is not None:
-                    torch.mul(g, weights[t].unsqueeze(2), out=products)
-                    g_mixed.zero_().index_add_(0, rows, products.view(-1, width))
-                    if need_x:
-                        g_table.addmm_(g_mixed, w_taps[t].t())
-                    if need_weight:
-                        torch.mm(table.t(), g_mixed, out=g_w[t])
+            scratch = _Scratch(
+                table,
+                corners=corner_size if need_coord else 0,
+                products=corner_size if need_table else 0,
+                mixed=rows * most * cout if need_coord else 0,
+                g_mixed=rows * most * cout if need_table else 0,
+                g_w=cin * most * cout if need_weight else 0,
+            )
         else:
-            g_cols = table.new_empty(n, cin)
-            sampled = table.new_empty(n, cin) if need_weight else None
-            for t in range(taps):
-                rows = idx[t].view(-1)
-                torch.mm(g, w_taps[t].t(), out=g_cols)
-                if need_weight or need_coord:
-                    torch.index_select(table, 0, rows, out=corners.view(-1, width))
-                if need_weight:
-                    sampled.zero_()
-                    _blend_into(sampled, corners, weights[t])
-                    torch.mm(sampled.t(), g, out=g_w[t])
+            scratch = _Scratch(
+                table,
+                corners=corner_size if need_coord or need_weight else 0,
+                products=corner_size if need_x else 0,
+                g_cols=most * n * cin if need_coord or need_x else 0,
+                sampled=most * n * cin if need_weight else 0,
+            )
+        for t0, t1 in chunks:
+            chunk = t1 - t0
+            chunk_weights = weights[t0:t1].unsqueeze(-1)  # (T, 4, N, 1)
+            if project:
+                # The gradient flows through mixed = table @ w_chunk, sampled with Cout-wide rows.
+                chunk_rows = _chunk_rows(idx, t0, t1)
+                w_chunk = _tap_columns(w_taps, t0, t1)
                 if need_coord:
-                    torch.sum(torch.mul(corners, g_cols, out=products), 2, out=dots[t])
-                if need_x:
-                    torch.mul(g_cols, weights[t].unsqueeze(2), out=products)
-                    g_table.index_add_(0, rows, products.view(-1, width))
+                    mixed = scratch.get("mixed", rows, chunk * cout)
+                    corners = scratch.get("corners", chunk, 4, n, cout)
+                    torch.mm(table, w_chunk, out=mixed)
+                    torch.index_select(mixed.view(-1, cout), 0, chunk_rows,
+                                       out=corners.view(-1, cout))
+                    torch.sum(corners.mul_(g), -1, out=dots[t0:t1])
+                if need_table:
+                    g_mixed = scratch.get("g_mixed", rows, chunk * cout).zero_()
+                    products = scratch.get("products", chunk, 4, n, cout)
+                    torch.mul(g, chunk_weights, out=products)
+                    g_mixed.view(-1, cout).index_add_(0, chunk_rows, products.view(-1, cout))
+                    if need_x:
+                        g_table.addmm_(g_mixed, w_chunk.t())
+                    if need_weight:
+                        g_w_chunk = scratch.get("g_w", cin, chunk * cout)
+                        torch.mm(table.t(), g_mixed, out=g_w_chunk)
+                        g_w[t0:t1] = g_w_chunk.view(cin, chunk, cout).transpose(0, 1)
+            else:
+                chunk_rows = idx[t0:t1].reshape(-1)
+                if need_coord or need_weight:
+                    corners = scratch.get("corners", chunk, 4, n, cin)
+                    torch.index_select(table, 0, chunk_rows, out=corners.view(-1, cin))
+                if need_weight:
+                    sampled = scratch.get("sampled", chunk, n, cin).zero_()
+                    _blend(corners, weights[t0:t1], sampled)
+                    for j in range(chunk):
+                        torch.mm(sampled[j].t(), g, out=g_w[t0 + j])
+                if need_coord or need_x:
+                    g_cols = scratch.get("g_cols", chunk, n, cin)  # grad of the sampled values
+                    for j in range(chunk):
+                        torch.mm(g, w_taps[t0 + j].t(), out=g_cols[j])
+                    if need_coord:
+                        torch.sum(corners.mul_(g_cols.unsqueeze(1)), -1, out=dots[t0:t1])
+                    if need_x:
+                        products = scratch.get("products", chunk, 4, n, cin)
+                        torch.mul(g_cols.unsqueeze(1), chunk_weights, out=products)
+                        g_table.index_add_(0, chunk_rows, products.view(-1, cin))
 
         g_x = g_offset = g_mask = g_weight = g_bias = None
         if need_x:
-            g_x = g_table.view(b, h + 2, w + 2, cin)[:, 1:-1, 1:-1].permute(0, 3, 1, 2).contiguous()
+            g_x = g_table.view(b, h + 2, w + 2, cin)[:, 1:-1, 1:-1].permute(0, 3, 1, 2)
+            g_x = g_x.contiguous()
         if need_coord:
             m = mask.transpose(0, 1).reshape(taps, n)
             d00, d01, d10, d11 = dots.unbind(1)
@@ -364,12 +459,6 @@ class _DeformConv2dFast(torch.autograd.Function):
         if need_bias and has_bias:
             g_bias = g.sum(0)
         return g_x, g_offset, g_mask, g_weight, g_bias, None, None, None, None
-
-
-def _blend_into(out: Tensor, corners: Tensor, weights: Tensor) -> None:
-    """out += sum_c weights[c] * corners[c]; corners (4, N, C), weights (4, N)."""
-    for c in range(4):
-        out.addcmul_(corners[c], weights[c].unsqueeze(1))
 
 
 class DeformableConv2d(nn.Module):
@@ -396,9 +485,10 @@ class DeformableConv2d(nn.Module):
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
         taps = kh * kw
-        self.offset_conv = nn.Conv2d(in_channels, 2 * taps, (kh, kw), self.stride, self.padding, bias=True)
-        self.modulator_conv = nn.Conv2d(in_channels, taps, (kh, kw), self.stride, self.padding, bias=True)
-        self.regular_conv = nn.Conv2d(in_channels, out_channels, (kh, kw), self.stride, self.padding, bias=bias)
+        geometry = dict(kernel_size=(kh, kw), stride=self.stride, padding=self.padding)
+        self.offset_conv = nn.Conv2d(in_channels, 2 * taps, bias=True, **geometry)
+        self.modulator_conv = nn.Conv2d(in_channels, taps, bias=True, **geometry)
+        self.regular_conv = nn.Conv2d(in_channels, out_channels, bias=bias, **geometry)
         for conv in (self.offset_conv, self.modulator_conv):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
