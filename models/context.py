@@ -80,7 +80,25 @@ def deform_bn(in_ch: int, out_ch: int, act: bool, leaky: float = 0.1) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
-class SSH(nn.Module):
+class _ThreeBranchContext(nn.Module):
+    """SSH dataflow shared by V1 and V2: a C/2 branch and two C/4 branches (5x5- and 7x7-like
+    receptive fields from stacked 3x3 convs sharing their first conv), concatenated + ReLU."""
+
+    conv3x3: nn.Module
+    conv5x5_1: nn.Module
+    conv5x5_2: nn.Module
+    conv7x7_2: nn.Module
+    conv7x7_3: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch3 = self.conv3x3(x)
+        mid = self.conv5x5_1(x)
+        branch5 = self.conv5x5_2(mid)
+        branch7 = self.conv7x7_3(self.conv7x7_2(mid))
+        return torch.relu(torch.cat([branch3, branch5, branch7], dim=1))
+
+
+class SSH(_ThreeBranchContext):
     """V1 SSH (spec 2.4): three receptive fields from stacked deformable 3x3 convs.
 
     forward (B, C, H, W) -> (B, C, H, W) = ReLU(concat[C/2, C/4, C/4]).
@@ -97,12 +115,6 @@ class SSH(nn.Module):
         self.conv7x7_2 = deform_bn(quarter, quarter, act=True)
         self.conv7x7_3 = deform_bn(quarter, quarter, act=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        branch3 = self.conv3x3(x)
-        mid = self.conv5x5_1(x)
-        branch5 = self.conv5x5_2(mid)
-        branch7 = self.conv7x7_3(self.conv7x7_2(mid))
-        return torch.relu(torch.cat([branch3, branch5, branch7], dim=1))
 
 
 def _grouped_conv_bn(in_ch: int, out_ch: int, groups: int, act: bool) -> list:
@@ -114,7 +126,7 @@ def _pointwise_bn_relu(in_ch: int, out_ch: int) -> list:
     return [nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
 
 
-class SSHGrouped(nn.Module):
+class SSHGrouped(_ThreeBranchContext):
     """V2 SSH (spec 3): 1x1 reductions then grouped 3x3 convs, no deformable convs.
 
     2,064 params at C=32, groups 4. forward (B, C, H, W) -> (B, C, H, W).
@@ -131,9 +143,3 @@ class SSHGrouped(nn.Module):
         self.conv7x7_2 = nn.Sequential(*_grouped_conv_bn(quarter, quarter, groups, True))
         self.conv7x7_3 = nn.Sequential(*_grouped_conv_bn(quarter, quarter, groups, False))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        branch3 = self.conv3x3(x)
-        mid = self.conv5x5_1(x)
-        branch5 = self.conv5x5_2(mid)
-        branch7 = self.conv7x7_3(self.conv7x7_2(mid))
-        return torch.relu(torch.cat([branch3, branch5, branch7], dim=1))
