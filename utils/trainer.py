@@ -320,7 +320,7 @@ class Trainer:
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite loss ({float(loss.detach())}) at epoch {self.state.epoch + 1}, iteration "
-                f"{self.state.iteration}; parts {({k: float(v) for k, v in parts.items()})}. "
+                f"{self.state.iteration}; parts {({k: float(v.detach()) for k, v in parts.items()})}. "
                 f"The last good checkpoint in {self.save_dir} is kept; try a lower --lr or --gradient_clip 1"
             )
         self.optimizer.zero_grad(set_to_none=True)
