@@ -1,0 +1,153 @@
+"""detect.py (images, folders with broken files, videos) and benchmark.py (--quick) end to end."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, shared_path
+
+SAMPLE = ROOT / "data" / "sample" / "images"
+# One thread: on a shared 2-core machine OpenMP spinning makes 2 threads far slower.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+    p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+
+
+def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory) -> Path:
+    """Our checkpoint of the published trained v1_original, converted from ../shared."""
+    from utils.convert_official import convert_file
+
+    path = tmp_path_factory.mktemp("weights") / "v1_original.pth"
+    convert_file(shared_path("weights", "featherface_v1_original_widerface.pth"), path)
+    return path
+
+
+@pytest.mark.parametrize("script", ["detect.py", "benchmark.py"])
+def test_help_needs_nothing(script, capsys):
+    module = __import__(script[:-3])
+    with pytest.raises(SystemExit) as exit_info:
+        module.get_args_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_detect_folder_with_a_corrupt_file(real_checkpoint, tmp_path):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    (inputs / "group_8.jpg").write_bytes((SAMPLE / "group_8.jpg").read_bytes())
+    (inputs / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (inputs / "notes.txt").write_text("not an image: ignored")
+    result = run_script("detect.py", "--weights", str(real_checkpoint), "--input", str(inputs), "--output", str(out),
+                        "--image_size", "384", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert "broken.jpg" in result.stderr  # reported, not fatal
+    report = json.loads((out / "detections.json").read_text())
+    assert [Path(e["file"]).name for e in report["errors"]] == ["broken.jpg"]
+    (image,) = report["images"]
+    assert Path(image["file"]).name == "group_8.jpg" and (image["width"], image["height"]) == (1024, 768)
+    assert len(image["faces"]) == 8 and all(f["score"] > 0.5 for f in image["faces"])
+    assert all(len(f["box"]) == 4 and len(f["landmarks"]) == 5 for f in image["faces"])
+    annotated, original = cv2.imread(image["output"]), cv2.imread(str(SAMPLE / "group_8.jpg"))
+    assert annotated.shape == original.shape and not np.array_equal(annotated, original)  # boxes drawn
+
+
+def test_detect_nothing_readable_exits_2(real_checkpoint, tmp_path, capsys):
+    import detect
+    from utils.errors import run_cli
+
+    (tmp_path / "only.png").write_bytes(b"garbage")
+    args = detect.get_args_parser().parse_args(["--weights", str(real_checkpoint), "--input", str(tmp_path),
+                                                "--output", str(tmp_path / "out"), "--quiet"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(detect.main, args)
+    assert exit_info.value.code == 2 and "nothing could be processed" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "detections.json").read_text())["errors"][0]["file"].endswith("only.png")
+    args.input = tmp_path / "missing.jpg"
+    with pytest.raises(SystemExit):
+        run_cli(detect.main, args)
+
+
+def test_detect_video(real_checkpoint, tmp_path):
+    import detect
+
+    frame = cv2.resize(cv2.imread(str(SAMPLE / "group_8.jpg")), (320, 240))
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (320, 240))
+    for i in range(3):
+        writer.write(frame if i != 1 else cv2.flip(frame, 1))
+    writer.release()
+    out = tmp_path / "out"
+    args = detect.get_args_parser().parse_args(["--weights", str(real_checkpoint), "--input", str(video),
+                                                "--output", str(out), "--quiet", "--show"])
+    assert detect.main(args) == 0
+    (result,) = json.loads((out / "detections.json").read_text())["videos"]
+    assert [f["frame"] for f in result["frames"]] == [0, 1, 2]
+    assert all(len(f["faces"]) >= 6 for f in result["frames"])  # small faces at 320x240
+    capture = cv2.VideoCapture(result["output"])
+    frames = 0
+    while capture.read()[0]:
+        frames += 1
+    assert frames == 3 and int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)) == 320
+
+
+def tiny_onnx(path: Path) -> Path:
+    """A RetinaFace-style stand-in for --compare: one NCHW input, fixed 1x3x64x64, two outputs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.full((4, 3, 3, 3), 0.01, np.float32), "w")
+    nodes = [helper.make_node("Conv", ["images", "w"], ["feat"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["feat"], ["scores"])]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 64])],
+                              [helper.make_tensor_value_info("feat", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_benchmark_quick_prints_table_and_json(tmp_path):
+    report = tmp_path / "bench.json"
+    result = run_script("benchmark.py", "--quick", "--models", "v2", "--backends", "torch", "torch_plain",
+                        "--compare", str(tiny_onnx(tmp_path / "other.onnx")), "--json", str(report))
+    assert result.returncode == 0, result.stderr
+    table = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| model | backend |") and len(table) == 2 + 3
+    data = json.loads(report.read_text())
+    rows = {(r["model"], r["backend"]): r for r in data["results"]}
+    assert set(rows) == {("v2", "torch"), ("v2", "torch_plain"), ("other.onnx", "onnx_compare")}
+    for row in rows.values():
+        assert row["median_ms"] > 0 and row["p90_ms"] >= row["median_ms"] and row["images_per_s"] > 0
+    assert rows[("v2", "torch")]["size"] == "64x64" and rows[("v2", "torch")]["gflops"] > 0
+    assert rows[("other.onnx", "onnx_compare")]["gflops"] is None  # not counted for foreign models
+    assert data["machine"]["cpu_count"] >= 1 and data["settings"]["runs"] == 3
+
+
+@pytest.mark.slow
+def test_benchmark_onnx_backend(tmp_path):
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (torch.onnx.export(dynamo=True))")
+    report = tmp_path / "bench.json"
+    result = run_script("benchmark.py", "--quick", "--models", "v2", "--backends", "torch", "onnx",
+                        "--json", str(report), timeout=600)
+    assert result.returncode == 0, result.stderr
+    backends = [r["backend"] for r in json.loads(report.read_text())["results"]]
+    assert backends == ["torch", "onnx"]

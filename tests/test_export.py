@@ -1,0 +1,356 @@
+"""ONNX deployment: dynamic-shape export (V1 with live DeformConv, V2), ORT/PyTorch parity, the
+detection graph (decode + NMS inside) against the PyTorch pipeline, the deployment package run
+as shipped, INT8 quantization and the export script's errors.
+
+Exports take 20-40 s each on two cores, so each model is exported once per module and shared.
+Random-init networks have vanishing activations (BatchNorm running stats at their defaults), which
+would make any parity check trivially pass; `realistic` re-estimates the BN statistics on an image
+(with a variance floor, so the network stays well conditioned), spreads the face scores and gives
+the deformable convs non-zero offsets, so every op carries signal.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from data.config import ModelConfig
+from data.preprocess import preprocess
+from layers.prior_box import prior_boxes
+from models import build_model
+from models.deform_conv import DeformableConv2d
+from tests.conftest import ROOT, shared_path
+from utils.checkpoint import load_model, save_checkpoint
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+cv2 = pytest.importorskip("cv2")
+
+import export_dynamic_onnx as script  # noqa: E402
+from utils import onnx_export as ox  # noqa: E402
+from utils.detector import FaceDetector  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+
+SAMPLE = ROOT / "data" / "sample" / "images"
+GROUP = SAMPLE / "group_8.jpg"
+# A random-init V2 with re-estimated BN finds ~90 "faces" above this on group_8.jpg: enough to
+# exercise decode, threshold and NMS, few enough for ties between scores to be impossible.
+RANDOM_THRESHOLD = 0.88
+VAR_FLOOR = 0.1
+SCORE_SPREAD = 2.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """PyTorch on one thread here: with other jobs on the two cores, two busy-waiting OpenMP
+    threads made single forward passes take 10 s instead of 0.1 s."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def needs_exporter():
+    pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs the onnxscript package")
+
+
+def realistic(name: str, seed: int = 0) -> torch.nn.Module:
+    """Random-init model whose activations look like a trained one's (see module docstring)."""
+    torch.manual_seed(seed)
+    model = build_model(name)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, DeformableConv2d):  # offsets of about a pixel, masks around 1
+                module.offset_conv.weight.normal_(0, 0.02)
+                module.offset_conv.bias.normal_(0, 0.7)
+                module.modulator_conv.weight.normal_(0, 0.02)
+                module.modulator_conv.bias.normal_(0, 0.5)
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None  # cumulative average over the calibration pass
+        # One natural image and one of the uniform-noise inputs check_parity uses.
+        image = torch.nn.functional.interpolate(preprocess(cv2.imread(str(GROUP)))[None], size=(128, 160),
+                                                mode="bilinear")
+        noise = torch.rand(1, 3, 128, 160) * 255 - torch.tensor([104.0, 117.0, 123.0]).view(1, 3, 1, 1)
+        model.train()
+        model(torch.cat([image, noise]))
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                # A channel that barely varied in the calibration batch would get a huge gain
+                # and make the network amplify float32 rounding beyond any parity tolerance.
+                module.running_var.clamp_(min=VAR_FLOOR)
+        for conv in model.class_head.convs:  # spread the face scores: distinct values for NMS
+            conv.weight.mul_(SCORE_SPREAD)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory):
+    needs_exporter()
+    model = realistic("v1")
+    path = ox.export_onnx(model, tmp_path_factory.mktemp("v1") / "v1.onnx", image_size=256)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def v2(tmp_path_factory):
+    needs_exporter()
+    model = realistic("v2", seed=1)
+    folder = tmp_path_factory.mktemp("v2")
+    raw, detection = ox.export_graphs(model, folder / "v2.onnx", folder / "v2_postprocess.onnx", image_size=256)
+    return model, raw, detection
+
+
+@pytest.fixture(scope="module")
+def v2_package(v2, tmp_path_factory):
+    model, raw, detection = v2
+    return ox.write_deployment_package(model, tmp_path_factory.mktemp("pkg") / "v2_package", raw, detection,
+                                       score_threshold=RANDOM_THRESHOLD)
+
+
+def dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+SHAPES = [(1, 256, 256), (2, 256, 256), (1, 375, 500), (2, 192, 320)]  # 3 sizes, batches 1 and 2
+
+
+def test_v1_dynamic_shapes_match_pytorch_with_live_deformconv(v1):
+    model, path = v1
+    ox.check_onnx_file(path)
+    assert ox.op_counts(path).get("DeformConv") == 15  # 5 per SSH x 3 levels, none replaced by Conv
+    rows = ox.check_parity(model, path, SHAPES)
+    assert [r.shape for r in rows] == SHAPES
+    assert all(r.ok for r in rows), ox.format_parity(rows)
+    # The offsets matter: zeroing them changes the outputs far beyond the parity tolerance.
+    x = torch.rand(1, 3, 256, 256) * 255 - 117
+    zeroed = realistic("v1")
+    with torch.no_grad():
+        for module in zeroed.modules():
+            if isinstance(module, DeformableConv2d):
+                module.offset_conv.weight.zero_(), module.offset_conv.bias.zero_()
+        assert (model(x)[0] - zeroed(x)[0]).abs().max() > 100 * ox.TOLERANCES["bbox_regressions"]
+
+
+def test_v2_dynamic_shapes_match_pytorch(v2):
+    model, raw, _ = v2
+    ox.check_onnx_file(raw)
+    assert "DeformConv" not in ox.op_counts(raw)
+    rows = ox.check_parity(model, raw, SHAPES)
+    assert all(r.ok for r in rows), ox.format_parity(rows)
+
+
+def test_parity_check_catches_a_wrong_graph(v1, v2):
+    v1_model, _ = v1
+    _, v2_raw, _ = v2
+    rows = ox.check_parity(v1_model, v2_raw, [(1, 64, 64)])
+    assert not rows[0].ok and "FAIL" in ox.format_parity(rows)
+
+
+def test_input_output_names_dynamic_dims_and_metadata(v1, v2):
+    model, raw, detection = v2
+    for path in (v1[1], raw):
+        graph = onnx.load(str(path)).graph
+        assert [i.name for i in graph.input] == ["input"]
+        assert [o.name for o in graph.output] == ["bbox_regressions", "classifications", "landmarks"]
+        batch, channels, height, width = dims(graph.input[0])
+        assert channels == 3 and all(isinstance(d, str) for d in (batch, height, width))
+        assert [dims(o)[2] for o in graph.output] == [4, 2, 10]
+        meta = ox.read_metadata(path)
+        assert json.loads(meta[ox.CONFIG_KEY])["name"] in ("v1", "v2")
+        assert json.loads(meta["featherface_mean_bgr"]) == [104.0, 117.0, 123.0]
+    assert ModelConfig.from_dict(json.loads(ox.read_metadata(raw)[ox.CONFIG_KEY])) == model.config
+    graph = onnx.load(str(detection)).graph
+    assert [i.name for i in graph.input] == ["input", "score_threshold"]
+    assert dims(graph.input[0])[:2] == [1, 3] and all(isinstance(d, str) for d in dims(graph.input[0])[2:])
+    assert dims(graph.input[1]) == []
+    assert [o.name for o in graph.output] == ["faces"] and dims(graph.output[0])[1] == 15
+    assert "NonMaxSuppression" in ox.op_counts(detection)
+    assert json.loads(ox.read_metadata(detection)[ox.DETECTION_KEY])["nms_threshold"] == 0.4
+
+
+def test_onnx_backend_of_face_detector_reads_the_export(v2):
+    model, raw, _ = v2
+    image = cv2.imread(str(GROUP))
+    torch_faces = FaceDetector(model, backend="torch", conf=RANDOM_THRESHOLD).detect_array(image)
+    onnx_faces = FaceDetector(str(raw), backend="onnx", conf=RANDOM_THRESHOLD).detect_array(image)
+    assert len(torch_faces) > 10
+    assert ox.detection_graph_ok(ox.compare_detections("group_8", torch_faces, onnx_faces))
+
+
+@pytest.mark.parametrize("size", [(640, 640), (480, 640), (375, 500), (33, 47)])
+def test_pixel_priors_equal_prior_boxes(size):
+    config = build_model("v2").config
+    h, w = size
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    torch.testing.assert_close(ox.pixel_priors(config, h, w), prior_boxes(size) * scale, rtol=1e-6, atol=1e-4)
+
+
+def test_detection_graph_matches_pytorch_decode_and_nms(v2):
+    model, _, detection = v2
+    image = cv2.imread(str(GROUP))
+    images = {"group_8": image, "group_8_crop_375x500": np.ascontiguousarray(image[100:475, 200:700])}
+    diffs = ox.check_detection_parity(model, detection, images, RANDOM_THRESHOLD)
+    for diff in diffs:
+        assert diff.reference > 10, diff.line()
+        assert ox.detection_graph_ok(diff), diff.line()
+    # The threshold is a graph input: a higher one returns a prefix of the same faces.
+    session = ox.ort_session(detection)
+    low = ox.run_detection_graph(session, image, RANDOM_THRESHOLD)
+    high = ox.run_detection_graph(session, image, 0.9)
+    assert 0 < len(high) < len(low) and (high[:, 4] > 0.9).all()
+    assert np.all(np.diff(low[:, 4]) <= 0)
+    assert len(ox.run_detection_graph(session, image, 1.0)) == 0  # no face: an empty (0, 15)
+    with pytest.raises(Exception):  # batch 1 only
+        session.run(None, {"input": np.zeros((2, 3, 64, 64), np.float32), "score_threshold": np.array(0.5, np.float32)})
+
+
+def test_deployment_package_usage_example_runs_as_shipped(v2, v2_package, tmp_path):
+    model, _, _ = v2
+    names = {p.name for p in v2_package.iterdir()}
+    assert {"model.pth", "model.onnx", "model_postprocess.onnx", "deployment_config.json", "usage_example.py",
+            "README.md"} <= names
+    config = json.loads((v2_package / "deployment_config.json").read_text())
+    assert config["model_name"] == "v2" and config["parameters"] == 256_156
+    assert config["mean_bgr"] == [104.0, 117.0, 123.0] and config["variance"] == [0.1, 0.2]
+    assert config["steps"] == [8, 16, 32] and config["min_sizes"] == [[16, 32], [64, 128], [256, 512]]
+    assert config["thresholds"]["score"] == RANDOM_THRESHOLD and config["input"]["name"] == "input"
+    readme = (v2_package / "README.md").read_text()
+    assert "no deformable convolutions" in readme and "$" not in readme
+    reloaded, _ = load_model(v2_package / "model.pth")
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+
+    # Run it from outside the repository with no PYTHONPATH: it must need nothing of ours.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out_image, out_json = tmp_path / "annotated.jpg", tmp_path / "faces.json"
+    proc = subprocess.run([sys.executable, str(v2_package / "usage_example.py"), str(GROUP), "--output",
+                           str(out_image), "--json", str(out_json)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    faces = np.asarray(json.loads(out_json.read_text())["faces"], dtype=np.float32)
+    assert f"{len(faces)} face(s)" in proc.stdout and "score" in proc.stdout
+    expected = FaceDetector(model, backend="torch", conf=RANDOM_THRESHOLD).detect_array(cv2.imread(str(GROUP)))
+    diff = ox.compare_detections("group_8", expected, faces)
+    assert len(expected) > 10 and ox.detection_graph_ok(diff), diff.line()
+    drawn = cv2.imread(str(out_image))
+    assert drawn.shape == cv2.imread(str(GROUP)).shape and not np.array_equal(drawn, cv2.imread(str(GROUP)))
+
+
+def test_int8_quantization_keeps_metadata_and_detections_close(v2, tmp_path):
+    _, raw, _ = v2
+    report = ox.quantize_int8(raw, tmp_path / "v2_int8.onnx", ox.find_images(SAMPLE), image_size=256)
+    counts = ox.op_counts(report.path)
+    assert counts.get("QuantizeLinear", 0) > 50 and counts.get("DequantizeLinear", 0) > 50
+    assert ox.read_metadata(report.path)[ox.CONFIG_KEY] == ox.read_metadata(raw)[ox.CONFIG_KEY]
+    assert report.calibration_images == 3 and report.float_ops == {}
+    image = cv2.imread(str(GROUP))
+    x = ox.fixed_size_input(image, 256)
+    assert x.shape == (1, 3, 256, 256)
+    fp32 = ox.ort_session(raw).run(None, {"input": x})
+    int8 = ox.ort_session(report.path).run(None, {"input": x})
+    # Quantization noise, not garbage: outputs stay strongly correlated with FP32 (a random-init
+    # network is harder to quantize than a trained one; see the report for real-weight drift).
+    for a, b in zip(fp32, int8):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.8
+    assert np.abs(fp32[1] - int8[1]).mean() < 0.1
+    [drift] = ox.detection_drift(raw, report.path, {"group_8": image}, RANDOM_THRESHOLD)
+    assert drift.reference > 10 and drift.candidate > 0 and drift.matched > 0
+
+
+def test_int8_leaves_deformconv_in_float(v1, tmp_path):
+    model, raw = v1
+    report = ox.quantize_int8(raw, tmp_path / "v1_int8.onnx", [GROUP], image_size=128)
+    assert report.float_ops == {"DeformConv": 15, "BatchNormalization": 15}
+    x = ox.fixed_size_input(cv2.imread(str(GROUP)), 128)
+    scores = ox.ort_session(report.path).run(["classifications"], {"input": x})[0]
+    assert scores.shape == (1, 2 * (16 * 16 + 8 * 8 + 4 * 4), 2) and np.isfinite(scores).all()
+
+
+def test_opset_below_19_is_refused_for_deformable_models():
+    with pytest.raises(ox.ExportError, match="opset >= 19"):
+        ox.check_opset(build_model("v1_slim").config, 18)
+    ox.check_opset(build_model("v2").config, 18)  # no DeformConv: fine
+
+
+def _cli(capsys, *argv):
+    args = script.get_args_parser().parse_args([str(a) for a in argv])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(script.main, args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_cli_wrong_checkpoint_is_a_clear_error(tmp_path, capsys):
+    checkpoint = tmp_path / "v1.pth"
+    save_checkpoint(checkpoint, build_model("v1"))
+    code, err = _cli(capsys, "--model", "v2", "--weights", checkpoint, "--output", tmp_path / "x.onnx")
+    assert code == 2 and "holds a 'v1' model, but --model v2" in err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_user_errors(tmp_path, capsys):
+    code, err = _cli(capsys, "--model", "v2")
+    assert code == 2 and "no weights" in err and "--random_init" in err
+    code, err = _cli(capsys, "--weights", tmp_path / "missing.pth")
+    assert code == 2 and "not found" in err
+    code, err = _cli(capsys, "--model", "v1", "--random_init", "--opset", "17", "--output", tmp_path / "x.onnx")
+    assert code == 2 and "opset >= 19" in err
+    code, err = _cli(capsys, "--model", "v2", "--random_init", "--quantize", "int8", "--calibration_images",
+                     tmp_path / "nowhere")
+    assert code == 2 and "calibration image folder not found" in err
+
+
+def test_help_works_without_weights():
+    proc = subprocess.run([sys.executable, str(ROOT / "export_dynamic_onnx.py"), "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--test_sizes", "--deployment_package", "--with_postprocess", "--quantize", "--random_init"):
+        assert flag in proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_random_init_package(tmp_path):
+    needs_exporter()
+    out = tmp_path / "v2.onnx"
+    proc = subprocess.run([sys.executable, str(ROOT / "export_dynamic_onnx.py"), "--model", "v2", "--random_init",
+                           "--output", str(out), "--image_size", "320", "--test_sizes", "--deployment_package",
+                           str(tmp_path / "pkg"), "--quantize", "int8", "--calibration_images", str(SAMPLE),
+                           "--latency_runs", "3"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "UNTRAINED" in proc.stderr
+    assert "(8, 256, 256)" in proc.stdout and "(1, 375, 500)" in proc.stdout and "FAIL" not in proc.stdout
+    assert "INT8 vs FP32" in proc.stdout
+    for name in ("model.pth", "model.onnx", "model_postprocess.onnx", "model_int8.onnx", "usage_example.py"):
+        assert (tmp_path / "pkg" / name).is_file(), name
+    assert (tmp_path / "v2_postprocess.onnx").is_file() and (tmp_path / "v2_int8.onnx").is_file()
+
+
+@pytest.mark.slow
+def test_real_weights_package_matches_pytorch_on_group_photo(tmp_path):
+    """v1_original converted from the published checkpoint: the shipped example finds the same
+    faces as FaceDetector(backend="torch") on group_8.jpg."""
+    needs_exporter()
+    from utils.convert_official import convert_file
+
+    official = shared_path("weights", "featherface_v1_original_widerface.pth")
+    checkpoint = tmp_path / "v1_original.pth"
+    convert_file(official, checkpoint)
+    model, _ = load_model(checkpoint)
+    raw, detection = ox.export_graphs(model, tmp_path / "v1_original.onnx", tmp_path / "v1_original_postprocess.onnx")
+    rows = ox.check_parity(model, raw, [(1, 320, 320), (1, 375, 500), (2, 256, 256)])
+    assert all(r.ok for r in rows), ox.format_parity(rows)
+    package = ox.write_deployment_package(model, tmp_path / "pkg", raw, detection)
+    assert "DeformConv" in (package / "README.md").read_text() and "check your runtime" in (package / "README.md").read_text()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(package / "usage_example.py"), str(GROUP), "--json",
+                           str(tmp_path / "faces.json")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    faces = np.asarray(json.loads((tmp_path / "faces.json").read_text())["faces"], dtype=np.float32)
+    expected = FaceDetector(model, backend="torch", conf=ox.DEFAULT_SCORE_THRESHOLD).detect_array(cv2.imread(str(GROUP)))
+    diff = ox.compare_detections("group_8", expected, faces)
+    assert len(expected) >= 5 and ox.detection_graph_ok(diff), diff.line()

@@ -1,0 +1,109 @@
+"""Find faces in one image with the FeatherFace ONNX package; needs only numpy, opencv and onnxruntime.
+
+    python usage_example.py photo.jpg --output annotated.jpg
+
+It feeds `model_postprocess.onnx` (network + prior boxes + decode + NMS in one graph), so the
+only work left here is preprocessing: BGR pixels minus the mean in deployment_config.json,
+laid out (1, 3, H, W) float32. The graph returns faces (K, 15): x1, y1, x2, y2, score and five
+landmarks (left eye, right eye, nose, left and right mouth corner) as (x, y), in input pixels.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+
+HERE = Path(__file__).resolve().parent
+LANDMARK_COLOURS = [(0, 0, 255), (0, 255, 255), (255, 0, 255), (0, 255, 0), (255, 0, 0)]  # BGR
+
+
+def load_config(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def to_input(image_bgr, mean_bgr):
+    """HxWx3 uint8 BGR -> (1, 3, H, W) float32, mean removed, no scaling."""
+    x = image_bgr.astype(np.float32) - np.asarray(mean_bgr, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def detect(session, image_bgr, config, score_threshold, max_size=None):
+    """faces (K, 15) in the pixels of `image_bgr`, highest score first."""
+    scale = 1.0
+    if max_size and max(image_bgr.shape[:2]) > max_size:
+        scale = max_size / max(image_bgr.shape[:2])
+        image_bgr = cv2.resize(image_bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+    min_side = config["input"]["min_side"]
+    if min(image_bgr.shape[:2]) < min_side:
+        raise SystemExit(f"error: the image must be at least {min_side} pixels on each side")
+    inputs = {
+        config["input"]["name"]: to_input(image_bgr, config["mean_bgr"]),
+        "score_threshold": np.array(score_threshold, dtype=np.float32),
+    }
+    faces = session.run(["faces"], inputs)[0]
+    faces[:, :4] /= scale
+    faces[:, 5:] /= scale
+    return faces
+
+
+def draw(image_bgr, faces):
+    out = image_bgr.copy()
+    for face in faces:
+        x1, y1, x2, y2 = (int(round(v)) for v in face[:4])
+        cv2.rectangle(out, (x1, y1), (x2, y2), (0, 255, 0), 2)
+        cv2.putText(out, f"{face[4]:.2f}", (x1, max(y1 - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)
+        for k, colour in enumerate(LANDMARK_COLOURS):
+            cv2.circle(out, (int(round(face[5 + 2 * k])), int(round(face[6 + 2 * k]))), 2, colour, -1)
+    return out
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="FeatherFace face detection with ONNX Runtime")
+    parser.add_argument("image", type=str, help="image file to search for faces")
+    parser.add_argument("--output", type=str, default=None, help="write the image with faces drawn here")
+    parser.add_argument("--json", type=str, default=None, help="also write the faces as JSON here")
+    parser.add_argument("--model", type=str, default=str(HERE / "model_postprocess.onnx"),
+                        help="detection graph (default: model_postprocess.onnx beside this script)")
+    parser.add_argument("--config", type=str, default=str(HERE / "deployment_config.json"),
+                        help="deployment_config.json of the package")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="minimum face score (default: thresholds.score in deployment_config.json)")
+    parser.add_argument("--max_size", type=int, default=None,
+                        help="downscale images whose longer side exceeds this (faster; boxes stay in original pixels)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
+    return parser
+
+
+def main(args):
+    config = load_config(args.config)
+    image = cv2.imread(args.image, cv2.IMREAD_COLOR)
+    if image is None:
+        raise SystemExit(f"error: cannot read image {args.image}")
+    threshold = config["thresholds"]["score"] if args.threshold is None else args.threshold
+    options = ort.SessionOptions()
+    if args.threads:
+        options.intra_op_num_threads = args.threads
+    session = ort.InferenceSession(args.model, options, providers=["CPUExecutionProvider"])
+    faces = detect(session, image, config, threshold, args.max_size)
+
+    print(f"{len(faces)} face(s) in {args.image} (score >= {threshold:g})")
+    for i, face in enumerate(faces):
+        box = ", ".join(f"{v:.1f}" for v in face[:4])
+        points = " ".join(f"({face[5 + 2 * k]:.1f}, {face[6 + 2 * k]:.1f})" for k in range(5))
+        print(f"  {i + 1:3d}: score {face[4]:.3f}  box [{box}]  landmarks {points}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"image": args.image, "faces": faces.tolist()}, f)
+    if args.output:
+        if not cv2.imwrite(args.output, draw(image, faces)):
+            raise SystemExit(f"error: cannot write {args.output}")
+        print(f"annotated image written to {args.output}")
+    return faces
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args(sys.argv[1:]))
