@@ -1,0 +1,109 @@
+"""Side-by-side comparison of FeatherFace models: parameters, FLOPs, CPU latency and (with WIDER
+val data) easy / medium / hard AP.
+
+    python test_v1_v2_comparison.py --weights weights/v1_original.pth weights/v2.pth \
+        --dataset_folder WIDER_val/images --gt_dir ground_truth --output_md comparison.md
+    python test_v1_v2_comparison.py --models v1 v2 --runs 20     # random init: size and speed only
+
+The APs come from test_widerface.run_widerface (same detector, same prediction files).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from models import build_model, count_parameters
+from test_widerface import add_inference_args, build_detector, run_widerface
+from utils.checkpoint import load_model
+from utils.errors import FeatherFaceError, run_cli
+from utils.timing import count_flops, measure_latency
+from utils.widerface_eval import SETTINGS
+from utils.widerface_predict import file_digest
+
+
+def load_entries(args: argparse.Namespace) -> List[Tuple[str, str, nn.Module]]:
+    """(label, model id, model) for every --weights checkpoint and --models name (random init)."""
+    entries = []
+    for path in args.weights or []:
+        model, _ = load_model(path)
+        entries.append((Path(path).stem, f"sha256:{file_digest(path)}", model))
+    for name in args.models or []:
+        torch.manual_seed(args.seed)
+        try:
+            model = build_model(name)
+        except KeyError as exc:
+            raise FeatherFaceError(str(exc).strip("\"'")) from None
+        entries.append((f"{name} (random init)", f"random:{name}:seed{args.seed}", model))
+    if len(entries) < 2:
+        raise FeatherFaceError("give at least two models to compare (--weights A.pth B.pth and/or --models v1 v2)")
+    labels = [label for label, _, _ in entries]
+    return [(label if labels.count(label) == 1 else f"{label} #{i + 1}", model_id, model)
+            for i, (label, model_id, model) in enumerate(entries)]
+
+
+def markdown_table(rows: List[Dict[str, object]], size: int, threads: int) -> str:
+    has_ap = any("easy" in row for row in rows)
+    head = ["Model", "Config", "Params", f"GFLOPs @{size}", f"CPU ms @{size} ({threads} thr)"]
+    head += [s.capitalize() + " AP" for s in SETTINGS] if has_ap else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["model"], row["config"], f"{row['parameters']:,}", f"{row['gflops']:.3f}", f"{row['cpu_ms']:.1f}"]
+        cells += [f"{row[s]:.4f}" if s in row else "-" for s in SETTINGS] if has_ap else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Compare FeatherFace models: size, FLOPs, CPU latency, WIDER APs.")
+    parser.add_argument("--weights", type=str, nargs="+", default=None, help="checkpoints to compare")
+    parser.add_argument("--models", type=str, nargs="+", default=None, help="model names to compare at random init")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random-init models")
+    parser.add_argument("--input_size", type=int, default=640, help="square input for FLOPs and latency")
+    parser.add_argument("--runs", type=int, default=20, help="timed forward passes per model (median reported)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the latency runs")
+    parser.add_argument("--save_root", type=str, default="runs/compare", help="prediction folders go under here")
+    parser.add_argument("--output_md", type=str, default=None, help="write the Markdown table here")
+    parser.add_argument("--output_json", type=str, default=None, help="write all numbers as JSON here")
+    add_inference_args(parser, require_dataset=False)
+    return parser
+
+
+def main(args: argparse.Namespace) -> List[Dict[str, object]]:
+    if args.runs < 1 or args.threads < 1:
+        raise FeatherFaceError("--runs and --threads must be at least 1")
+    if (args.dataset_folder is None) != (args.gt_dir is None):
+        raise FeatherFaceError("give both --dataset_folder and --gt_dir to compare APs (or neither)")
+    torch.set_num_threads(args.threads)
+    size = args.input_size
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 50  # ~ mean-subtracted pixels
+    rows = []
+    for label, model_id, model in load_entries(args):
+        detector = build_detector(args, model)
+        row = {"model": label, "config": model.config.name, "parameters": count_parameters(model),
+               "gflops": count_flops(model, torch.zeros(1, 3, size, size)) / 1e9,
+               # The detector's own network call (batch norms folded, inference mode), as in inference.
+               "cpu_ms": measure_latency(lambda: detector.backend(x), args.runs, warmup=2).median_ms}
+        if args.dataset_folder is not None:
+            folder = Path(args.save_root) / label.replace(" ", "_").replace("(", "").replace(")", "")
+            results = run_widerface(args, detector, label, model_id, folder / "predictions")
+            row.update({s: results[s] for s in SETTINGS}, images_evaluated=results["images_evaluated"])
+        rows.append(row)
+    table = markdown_table(rows, args.input_size, args.threads)
+    print(table)
+    if args.output_md:
+        Path(args.output_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_md).write_text(table + "\n")
+    if args.output_json:
+        meta = {"input_size": args.input_size, "runs": args.runs, "threads": args.threads, "torch": torch.__version__}
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps({"settings": meta, "models": rows}, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())

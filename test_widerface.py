@@ -1,0 +1,142 @@
+"""WIDER FACE validation: predict with a checkpoint (or .onnx export), then easy / medium / hard AP.
+
+    python test_widerface.py --weights weights/v1_original.pth \
+        --dataset_folder data/widerface/WIDER_val/images --gt_dir data/widerface/ground_truth
+
+Writes `<save_folder>/<event>/<image>.txt` (official layout; resumable), and with --gt_dir the
+APs (JSON) and the PR curves (PNG) beside the prediction folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from utils.detector import FaceDetector
+from utils.errors import FeatherFaceError, run_cli
+from utils.pr_plot import save_pr_curves
+from utils.widerface_eval import SETTINGS
+from utils.widerface_predict import evaluate_images, file_digest, list_images, predict_images
+
+RETINAFACE_RESIZE = (1600, 2150)  # short side / long-side cap of RetinaFace's test_widerface.py
+
+
+def add_inference_args(parser: argparse.ArgumentParser, require_dataset: bool = True) -> None:
+    """Dataset, resize, threshold and TTA flags (shared with test_v1_v2_comparison.py)."""
+    parser.add_argument("--dataset_folder", type=str, required=require_dataset, default=None,
+                        help="WIDER_val/images (<event>/<image>.jpg)")
+    parser.add_argument("--image_list", type=str, default=None,
+                        help="only these images (lines 'event/name.jpg'); evaluation is restricted to them")
+    parser.add_argument("--gt_dir", type=str, default=None, help="folder with wider_face_val.mat and wider_*_val.mat")
+    parser.add_argument("--allow_missing", action="store_true", help="count images without predictions as no faces")
+    parser.add_argument("--origin_size", action=argparse.BooleanOptionalAction, default=None,
+                        help="run at the original image size (default: yes; --no-origin_size resizes like "
+                             "RetinaFace: short side 1600, long side <= 2150)")
+    parser.add_argument("--image_size", type=int, default=None, help="resize the short side to this many pixels")
+    parser.add_argument("--max_size", type=int, default=None, help="cap on the long side after resizing (pixels)")
+    parser.add_argument("--confidence_threshold", type=float, default=0.02, help="drop scores below this")
+    parser.add_argument("--nms_threshold", type=float, default=0.4, help="NMS IoU threshold")
+    parser.add_argument("--top_k", type=int, default=5000, help="boxes kept before NMS")
+    parser.add_argument("--keep_top_k", type=int, default=750, help="boxes kept after NMS")
+    parser.add_argument("--flip", action="store_true", help="test-time augmentation: add a mirrored pass")
+    parser.add_argument("--scales", type=float, nargs="+", default=None,
+                        help="test-time augmentation: resize factors on top of the base size, e.g. 0.5 1 1.5")
+    parser.add_argument("--integer_boxes", action="store_true",
+                        help="truncate boxes to integer pixels as RetinaFace's test_widerface.py does "
+                             "(default: exact floats)")
+    parser.add_argument("--device", type=str, default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    parser.add_argument("--overwrite", action="store_true", help="predict again even where a file exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def input_size(args: argparse.Namespace) -> Tuple[Optional[int], Optional[int]]:
+    """(image_size, max_size) for the detector from --origin_size / --image_size / --max_size."""
+    if args.image_size is not None:
+        if args.origin_size:
+            raise FeatherFaceError("--origin_size and --image_size exclude each other; give one")
+        return args.image_size, args.max_size
+    if args.origin_size is False:
+        return RETINAFACE_RESIZE[0], args.max_size or RETINAFACE_RESIZE[1]
+    return None, args.max_size
+
+
+def build_detector(args: argparse.Namespace, weights: Union[str, Path, nn.Module],
+                   backend: str = "auto") -> FaceDetector:
+    """The shared FaceDetector with this run's resize and thresholds (backend "auto": by suffix)."""
+    if backend == "auto":
+        backend = "onnx" if isinstance(weights, (str, Path)) and str(weights).lower().endswith(".onnx") else "torch"
+    image_size, max_size = input_size(args)
+    return FaceDetector(weights, backend=backend, device=args.device, image_size=image_size, max_size=max_size,
+                        conf=args.confidence_threshold, nms=args.nms_threshold, top_k=args.top_k,
+                        keep_top_k=args.keep_top_k, threads=getattr(args, "threads", None))
+
+
+def run_widerface(args: argparse.Namespace, detector: FaceDetector, label: str, model_id: str, save_folder: Path,
+                  results_json: Optional[Path] = None, pr_curve: Optional[Path] = None) -> Dict[str, object]:
+    """Predict the images (resuming), report, and with --gt_dir evaluate and save JSON + PNG.
+
+    `model_id` identifies the weights in the folder's settings record (a resumed run must match).
+    """
+    if args.dataset_folder is None:
+        raise FeatherFaceError("--dataset_folder is required (WIDER_val/images)")
+    images = list_images(args.dataset_folder, args.image_list)
+    summary = predict_images(detector, args.dataset_folder, images, save_folder, args.overwrite, args.flip,
+                             args.scales, model_id, args.integer_boxes, progress=not args.quiet)
+    print(f"{label}: {summary.written} image(s) predicted, {summary.skipped} already done"
+          + (f", {summary.seconds_per_image:.3f} s/image" if summary.written else "") + f" -> {save_folder}")
+    if summary.unreadable:
+        print(f"{len(summary.unreadable)} unreadable image(s), no prediction file written:\n  "
+              + "\n  ".join(summary.unreadable))
+    results: Dict[str, object] = {"prediction": summary.to_dict()}
+    if args.gt_dir is None:
+        return results
+    subset = images if args.image_list else None
+    result, evaluated, total = evaluate_images(save_folder, args.gt_dir, subset, args.allow_missing)
+    print(f"evaluated on {evaluated} of {total} val images")
+    for setting in SETTINGS:
+        print(f"{setting.capitalize():<6} Val AP: {result[setting]:.4f}")
+    results.update(result.to_dict(), images_evaluated=evaluated, images_total=total, result=result)
+    results_json = results_json or save_folder.parent / "results.json"
+    results_json.parent.mkdir(parents=True, exist_ok=True)
+    results_json.write_text(json.dumps({k: v for k, v in results.items() if k != "result"}, indent=2) + "\n")
+    pr_curve = save_pr_curves(result, pr_curve or results_json.with_name("pr_curves.png"),
+                              f"{label}: WIDER FACE val ({evaluated} images)")
+    print(f"wrote {results_json} and {pr_curve}")
+    return results
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Predict WIDER FACE val images and compute easy/medium/hard AP.")
+    parser.add_argument("--weights", type=str, required=True, help="checkpoint (.pth) or exported model (.onnx)")
+    parser.add_argument("--backend", type=str, default="auto", choices=("auto", "torch", "onnx"),
+                        help="auto: onnx for a .onnx file, torch otherwise")
+    parser.add_argument("--save_folder", type=str, default=None,
+                        help="prediction folder (default runs/widerface/<weights name>/predictions)")
+    parser.add_argument("--results_json", type=str, default=None,
+                        help="APs as JSON (default <save_folder>/../results.json)")
+    parser.add_argument("--pr_curve", type=str, default=None, help="PR-curve PNG (default beside the JSON)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch and ONNX Runtime (default: their choice)")
+    add_inference_args(parser)
+    return parser
+
+
+def main(args: argparse.Namespace) -> Dict[str, object]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not Path(args.weights).is_file():
+        raise FeatherFaceError(f"weights not found: {args.weights}")
+    save_folder = Path(args.save_folder or Path("runs", "widerface", Path(args.weights).stem, "predictions"))
+    detector = build_detector(args, args.weights, args.backend)
+    model_id = f"sha256:{file_digest(args.weights)}"
+    return run_widerface(args, detector, Path(args.weights).name, model_id, save_folder,
+                         Path(args.results_json) if args.results_json else None,
+                         Path(args.pr_curve) if args.pr_curve else None)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())

@@ -1,0 +1,418 @@
+"""test_widerface.py, test_v1_v2_comparison.py and their helpers (utils/widerface_predict.py,
+utils/tta.py, utils/pr_plot.py)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import test_v1_v2_comparison
+import test_widerface
+from models import build_model
+from tests.conftest import ROOT, shared_path
+from utils.checkpoint import save_checkpoint
+from utils.detector import FaceDetector
+from utils.errors import FeatherFaceError, run_cli
+from utils.pr_plot import SETTING_COLORS, Curve, draw_pr_curves, save_pr_curves
+from utils.tta import detect_with_tta, merge_detections, mirror_detections
+from utils.widerface_eval import (SETTINGS, WiderFaceEvalError, evaluate_predictions, load_ground_truth,
+                                  read_prediction_file, read_predictions)
+from utils.widerface_predict import evaluate_images, image_key, list_images, to_xywh_score
+
+VAL_SAMPLE = ("data", "widerface_val_sample")
+SAMPLE_IMAGES = ROOT / "data" / "sample" / "images"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread here: with other jobs on the cores, two spinning threads run these small
+    inputs many times slower than one (measured: 0.03 s vs 0.4-5 s per V2 forward at 160 px)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def run_main(module, argv):
+    """Run a script's main() in-process; returns (result, stdout)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = module.main(module.get_args_parser().parse_args([str(a) for a in argv]))
+    return result, out.getvalue()
+
+
+def prediction_files(folder: Path):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.txt"))
+
+
+# ------------------------------------------------------------------------------ command lines
+
+
+def test_help():
+    out = subprocess.run([sys.executable, "test_widerface.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    for flag in ["--weights", "--dataset_folder", "--gt_dir", "--no-origin_size", "--flip", "--scales"]:
+        assert flag in out.stdout
+
+
+def test_comparison_help(capsys):
+    # In-process (one interpreter start is enough for the suite): --help needs no data or weights.
+    with pytest.raises(SystemExit) as exit_info:
+        test_v1_v2_comparison.get_args_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ["--weights", "--models", "--runs", "--threads", "--output_md", "--output_json", "--gt_dir"]:
+        assert flag in out
+
+
+def test_resize_flags():
+    parse = test_widerface.get_args_parser().parse_args
+    base = ["--weights", "w.pth", "--dataset_folder", "d"]
+    assert test_widerface.input_size(parse(base)) == (None, None)
+    assert test_widerface.input_size(parse(base + ["--origin_size", "--max_size", "1024"])) == (None, 1024)
+    assert test_widerface.input_size(parse(base + ["--no-origin_size"])) == (1600, 2150)
+    assert test_widerface.input_size(parse(base + ["--image_size", "640", "--max_size", "1024"])) == (640, 1024)
+    with pytest.raises(FeatherFaceError, match="exclude each other"):
+        test_widerface.input_size(parse(base + ["--origin_size", "--image_size", "640"]))
+
+
+def test_missing_weights_is_one_line_error(tmp_path, capsys):
+    args = test_widerface.get_args_parser().parse_args(
+        ["--weights", str(tmp_path / "nope.pth"), "--dataset_folder", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(test_widerface.main, args)
+    assert exit_info.value.code == 2
+    assert "weights not found" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------- image lists
+
+
+def test_list_images(tmp_path):
+    (tmp_path / "b--Event").mkdir()
+    (tmp_path / "a--Event").mkdir()
+    for rel in ("b--Event/x.jpg", "a--Event/y.png", "a--Event/z.JPG", "a--Event/notes.txt"):
+        (tmp_path / rel).write_bytes(b"")
+    assert list_images(tmp_path) == ["a--Event/y.png", "a--Event/z.JPG", "b--Event/x.jpg"]
+    listing = tmp_path / "list.txt"
+    listing.write_text("/0--Parade/0_Parade_1.jpg\n\n11--Meeting/a.jpg\n")  # leading "/" as in some lists
+    assert list_images(tmp_path, listing) == ["0--Parade/0_Parade_1.jpg", "11--Meeting/a.jpg"]
+    assert image_key("0--Parade/0_Parade_1.jpg") == ("0--Parade", "0_Parade_1")
+    listing.write_text("0--Parade/a.jpg\njust_a_name.jpg\n")
+    with pytest.raises(FeatherFaceError, match=r"list\.txt:2: expected 'event/name\.jpg'"):
+        list_images(tmp_path, listing)
+    (tmp_path / "stray.jpg").write_bytes(b"")
+    with pytest.raises(FeatherFaceError, match="WIDER layout"):
+        list_images(tmp_path)
+
+
+# ------------------------------------------------------------------------------------ TTA
+
+
+def test_mirror_detections_exact():
+    row = np.array([[10, 20, 50, 80, 0.9, 15, 30, 40, 31, 28, 50, 18, 70, 44, 71]], dtype=np.float32)
+    mirrored = mirror_detections(row, width=100)
+    # x -> 100 - x; x1/x2 swap; left/right eyes and mouth corners swap, the nose stays.
+    expected = [[50, 20, 90, 80, 0.9, 60, 31, 85, 30, 72, 50, 56, 71, 82, 70]]
+    np.testing.assert_array_equal(mirrored, np.array(expected, dtype=np.float32))
+    np.testing.assert_array_equal(mirror_detections(mirrored, 100), row)
+    assert mirror_detections(np.zeros((0, 15)), 100).shape == (0, 15)
+
+
+class BrightBoxDetector:
+    """Stub FaceDetector: 'detects' the bright rectangle of an image; records the scales asked for."""
+
+    nms, keep_top_k = 0.4, 750
+
+    def __init__(self, base_scale: float = 1.0):
+        self.base_scale, self.scales = base_scale, []
+
+    def scale_for(self, image):
+        return self.base_scale
+
+    def detect_array(self, image, scale=None):
+        self.scales.append(scale)
+        ys, xs = np.nonzero(image[:, :, 0] > 128)
+        x1, y1, x2, y2 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1  # continuous pixel edges
+        w, h = x2 - x1, y2 - y1
+        # Landmarks at fixed fractions of the box: left eye / mouth on the image's left.
+        points = [(x1 + w / 4, y1 + h / 4), (x1 + 3 * w / 4, y1 + h / 4), (x1 + w / 2, y1 + h / 2),
+                  (x1 + w / 4, y1 + 3 * h / 4), (x1 + 3 * w / 4, y1 + 3 * h / 4)]
+        return np.array([[x1, y1, x2, y2, 0.9] + [v for p in points for v in p]], dtype=np.float32)
+
+
+def test_flip_tta_mirrors_back_exactly():
+    image = np.zeros((60, 90, 3), np.uint8)
+    image[10:34, 7:23] = 255  # off-centre, so a wrong mirror would be caught
+    detector = BrightBoxDetector()
+    plain = detector.detect_array(image)
+    flipped_raw = detector.detect_array(cv2.flip(image, 1))
+    assert flipped_raw[0, 0] != plain[0, 0]
+    np.testing.assert_array_equal(mirror_detections(flipped_raw, image.shape[1]), plain)
+    merged = detect_with_tta(detector, image, flip=True)
+    np.testing.assert_array_equal(merged, plain)  # the two passes coincide: NMS keeps one
+
+
+def test_multiscale_tta_scales_are_factors_on_the_base_scale():
+    image = np.zeros((40, 40, 3), np.uint8)
+    image[5:15, 5:15] = 255
+    detector = BrightBoxDetector(base_scale=0.5)
+    detect_with_tta(detector, image, flip=True, scales=[1.0, 2.0])
+    assert detector.scales == [0.5, 0.5, 1.0, 1.0]  # (plain, flipped) per factor
+    with pytest.raises(ValueError, match="positive"):
+        detect_with_tta(detector, image, scales=[0.0])
+
+
+def test_merge_detections():
+    def det(x1, score):
+        return np.array([[x1, 0, x1 + 10, 10, score] + [0] * 10], dtype=np.float32)
+
+    merged = merge_detections([det(0, 0.5), det(1, 0.8), det(50, 0.7)], nms_threshold=0.4, keep_top_k=10)
+    np.testing.assert_array_equal(merged[:, [0, 4]], np.array([[1, 0.8], [50, 0.7]], dtype=np.float32))
+    assert len(merge_detections([det(0, 0.5), det(50, 0.7)], 0.4, keep_top_k=1)) == 1
+    assert merge_detections([], 0.4, 10).shape == (0, 15)
+
+
+# ---------------------------------------------------------------------------------- PR plot
+
+
+def test_pr_plot_draws_curves(tmp_path):
+    recall = np.linspace(0, 1, 50)
+    precision = np.where(np.arange(50) < 3, np.nan, 1 - recall ** 2)  # NaN = no proposals yet
+    canvas = draw_pr_curves([Curve("Easy AP 0.5", recall, precision, SETTING_COLORS["easy"])], (640, 480), "t")
+    assert canvas.shape == (480, 640, 3) and canvas.dtype == np.uint8
+    # The curve's colour appears, and at (recall 0.5, precision 0.75) in the plot area.
+    assert (canvas == SETTING_COLORS["easy"]).all(axis=2).sum() > 300
+    x, y = round(90 + 0.5 * (640 - 120)), round(50 + 0.25 * (480 - 120))
+    patch = canvas[y - 3 : y + 4, x - 3 : x + 4].astype(int)
+    assert (np.abs(patch - SETTING_COLORS["easy"]).sum(axis=2) < 60).any()
+    with pytest.raises(ValueError, match="too small"):
+        draw_pr_curves([], (100, 100))
+
+
+def test_save_pr_curves_reports_unwritable_file(real_run, tmp_path):
+    with pytest.raises(FeatherFaceError, match="cannot write the PR-curve image"):
+        save_pr_curves(real_run["results"]["result"], tmp_path / "curves.notanimage")
+
+
+# -------------------------------------------- made-up dataset, random-init V2 (shipped images)
+
+
+@pytest.fixture(scope="module")
+def made_up(tmp_path_factory):
+    """A dataset in the WIDER layout: the shipped sample photos plus one corrupt JPEG (sorted
+    first, so the run must continue past it), and a random-init V2 checkpoint."""
+    root = tmp_path_factory.mktemp("made_up")
+    images = root / "images"
+    (images / "0--Broken").mkdir(parents=True)
+    (images / "0--Broken" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    shutil.copytree(SAMPLE_IMAGES, images / "1--Sample")
+    torch.manual_seed(0)
+    weights = root / "v2_random.pth"
+    save_checkpoint(weights, build_model("v2"))
+    return images, weights
+
+
+def made_up_args(made_up, save_folder, *extra):
+    images, weights = made_up
+    return ["--weights", weights, "--dataset_folder", images, "--save_folder", save_folder,
+            "--image_size", "160", "--quiet", *extra]
+
+
+def test_random_v2_writes_consistent_files_and_skips_corrupt_image(made_up, tmp_path):
+    save = tmp_path / "pred"
+    results, out = run_main(test_widerface, made_up_args(made_up, save))
+    assert results["prediction"]["unreadable"] == ["0--Broken/corrupt.jpg"]
+    assert "0--Broken/corrupt.jpg" in out and "unreadable" in out
+    names = sorted(p.name for p in SAMPLE_IMAGES.iterdir())
+    assert prediction_files(save) == [f"1--Sample/{Path(n).stem}.txt" for n in names]  # none for the corrupt one
+    assert results["prediction"]["written"] == len(names)
+    detector = FaceDetector(made_up[1], image_size=160, conf=0.02, nms=0.4, top_k=5000, keep_top_k=750)
+    for name in names:
+        path = save / "1--Sample" / f"{Path(name).stem}.txt"
+        lines = path.read_text().splitlines()
+        assert lines[0] == Path(name).stem
+        assert int(lines[1]) == len(lines) - 2 > 0
+        assert all(len(line.split()) == 5 for line in lines[2:])
+        # Written boxes are exactly the shared detector's output (x, y, w, h, score).
+        expected = to_xywh_score(detector.detect_array(cv2.imread(str(SAMPLE_IMAGES / name))))
+        np.testing.assert_array_equal(read_prediction_file(path), expected)
+
+
+def test_resume_skips_and_overwrite_rewrites(made_up, tmp_path):
+    save = tmp_path / "pred"
+    run_main(test_widerface, made_up_args(made_up, save))
+    files = [save / f for f in prediction_files(save)]
+    old = 1_000_000_000
+    for f in files:
+        os.utime(f, (old, old))
+    # A file cut short by a killed run does not count as done.
+    broken = files[0]
+    broken.write_text(broken.read_text().splitlines()[0] + "\n5\n1 2 3 4 0.5\n")
+    os.utime(broken, (old, old))
+
+    results, _ = run_main(test_widerface, made_up_args(made_up, save))
+    assert results["prediction"]["skipped"] == len(files) - 1 and results["prediction"]["written"] == 1
+    assert [f.stat().st_mtime for f in files[1:]] == [old] * (len(files) - 1)
+    read_prediction_file(broken)  # rewritten, parses again
+
+    with pytest.raises(FeatherFaceError, match="confidence_threshold"):  # other settings: no silent mixing
+        run_main(test_widerface, made_up_args(made_up, save, "--confidence_threshold", "0.5"))
+
+    results, _ = run_main(test_widerface, made_up_args(made_up, save, "--overwrite"))
+    assert results["prediction"]["written"] == len(files) and results["prediction"]["skipped"] == 0
+    assert all(f.stat().st_mtime != old for f in files)
+
+
+def test_tta_run_matches_direct_tta_call(made_up, tmp_path):
+    save = tmp_path / "pred"
+    run_main(test_widerface, made_up_args(made_up, save, "--flip", "--scales", "1", "0.5"))
+    detector = FaceDetector(made_up[1], image_size=160, conf=0.02)
+    image = cv2.imread(str(SAMPLE_IMAGES / "group_8.jpg"))
+    expected = to_xywh_score(detect_with_tta(detector, image, flip=True, scales=[1.0, 0.5]))
+    np.testing.assert_array_equal(read_prediction_file(save / "1--Sample" / "group_8.txt"), expected)
+    settings = json.loads((tmp_path / "pred_settings.json").read_text())
+    assert settings["flip"] is True and settings["scales"] == [1.0, 0.5]
+
+
+def test_integer_boxes_truncate_like_retinaface(made_up, tmp_path):
+    run_main(test_widerface, made_up_args(made_up, tmp_path / "float"))
+    run_main(test_widerface, made_up_args(made_up, tmp_path / "int", "--integer_boxes"))
+    exact = read_prediction_file(tmp_path / "float" / "1--Sample" / "group_8.txt")
+    truncated = read_prediction_file(tmp_path / "int" / "1--Sample" / "group_8.txt")
+    x1, y1 = np.trunc(exact[:, 0]), np.trunc(exact[:, 1])
+    x2, y2 = np.trunc(exact[:, 0] + exact[:, 2]), np.trunc(exact[:, 1] + exact[:, 3])
+    np.testing.assert_allclose(truncated[:, :4], np.stack([x1, y1, x2 - x1, y2 - y1], axis=1), atol=1e-9)
+    np.testing.assert_array_equal(truncated[:, 4], exact[:, 4])
+
+
+# ------------------------------------------------------- real model on four WIDER val images
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """The published model (converted) over the 4 val images at original size, evaluated."""
+    from utils.convert_official import convert_file
+
+    published = shared_path("weights", "featherface_v1_original_widerface.pth")
+    sample, gt_dir = shared_path(*VAL_SAMPLE), shared_path("data", "widerface_val_gt")
+    root = tmp_path_factory.mktemp("real")
+    weights = root / "v1_original.pth"
+    convert_file(published, weights)
+    save = root / "out" / "predictions"
+    results, out = run_main(test_widerface, [
+        "--weights", weights, "--dataset_folder", sample / "images", "--image_list", sample / "wider_subset.txt",
+        "--gt_dir", gt_dir, "--save_folder", save, "--quiet"])
+    return dict(results=results, out=out, save=save, sample=sample, gt_dir=gt_dir, weights=weights, root=root)
+
+
+def test_real_run_writes_official_layout(real_run):
+    listed = (real_run["sample"] / "wider_subset.txt").read_text().split()
+    assert prediction_files(real_run["save"]) == sorted(n[:-4] + ".txt" for n in listed)
+    for rel in listed:
+        lines = (real_run["save"] / (rel[:-4] + ".txt")).read_text().splitlines()
+        assert lines[0] == Path(rel).stem
+        assert int(lines[1]) == len(lines) - 2 > 0
+        boxes = np.array([line.split() for line in lines[2:]], dtype=float)
+        assert (boxes[:, 2:4] > 0).all() and (boxes[:, 4] > 0.02).all() and (boxes[:, 4] <= 1).all()
+        assert (np.diff(boxes[:, 4]) <= 0).all()  # best first
+
+
+def test_real_run_aps_match_a_direct_evaluator_call(real_run):
+    results = real_run["results"]
+    assert "evaluated on 4 of 3226 val images" in real_run["out"]
+    assert results["images_evaluated"] == 4 and results["images_total"] == 3226
+    listed = {image_key(n) for n in (real_run["sample"] / "wider_subset.txt").read_text().split()}
+    gt = [g for g in load_ground_truth(real_run["gt_dir"]) if (g.event, g.name) in listed]
+    direct = evaluate_predictions(read_predictions(real_run["save"], gt), gt).to_dict()
+    assert {s: results[s] for s in SETTINGS} == direct
+    assert results["easy"] > 0.5 and all(0.5 < results[s] <= 1 for s in SETTINGS)
+    # Measured when this test was written (published model, original size, floats unrounded);
+    # the full val set gives 0.9265 / 0.9024 / 0.7808 according to the model's training notebook.
+    assert results["easy"] == pytest.approx(0.6242, abs=5e-3)
+    assert results["medium"] == pytest.approx(0.7455, abs=5e-3)
+    assert results["hard"] == pytest.approx(0.8271, abs=5e-3)
+
+
+def test_real_run_writes_json_and_png(real_run):
+    saved = json.loads((real_run["root"] / "out" / "results.json").read_text())
+    assert {s: saved[s] for s in SETTINGS} == {s: real_run["results"][s] for s in SETTINGS}
+    assert saved["prediction"]["written"] == 4
+    png = cv2.imread(str(real_run["root"] / "out" / "pr_curves.png"))
+    assert png is not None and png.shape == (600, 800, 3)
+    for color in SETTING_COLORS.values():
+        assert (png == color).all(axis=2).sum() > 100  # all three curves drawn
+
+
+def test_subset_and_missing_files_in_evaluation(real_run, tmp_path):
+    listed = (real_run["sample"] / "wider_subset.txt").read_text().split()
+    save = tmp_path / "pred"
+    shutil.copytree(real_run["save"], save)
+    (save / (listed[0][:-4] + ".txt")).unlink()
+    with pytest.raises(WiderFaceEvalError, match="1 of 4 images have no prediction file.*--allow_missing"):
+        evaluate_images(save, real_run["gt_dir"], listed)
+    with pytest.raises(WiderFaceEvalError, match="3223 of 3226 images"):
+        evaluate_images(save, real_run["gt_dir"])  # no list: the whole val set is expected
+    result, evaluated, total = evaluate_images(save, real_run["gt_dir"], listed, allow_missing=True)
+    assert (evaluated, total) == (4, 3226) and result["hard"] < real_run["results"]["hard"]
+    with pytest.raises(WiderFaceEvalError, match="not in the ground truth"):
+        evaluate_images(save, real_run["gt_dir"], listed + ["0--Parade/not_a_val_image.jpg"])
+
+
+# ---------------------------------------------------------------------------- comparison
+
+
+def test_comparison_table_and_json(tmp_path):
+    md, js = tmp_path / "cmp.md", tmp_path / "cmp.json"
+    rows, out = run_main(test_v1_v2_comparison, ["--models", "v1", "v2", "--runs", "2", "--threads", "1",
+                                                 "--output_md", md, "--output_json", js])
+    assert "| Model | Config | Params | GFLOPs @640" in out and "| v2 (random init) | v2 | 256,156 |" in out
+    assert md.read_text().strip() == out.strip()
+    saved = json.loads(js.read_text())
+    assert saved["settings"]["runs"] == 2 and saved["settings"]["threads"] == 1
+    by_name = {row["config"]: row for row in saved["models"]}
+    assert by_name["v1"]["parameters"] == 488_664 and by_name["v2"]["parameters"] == 256_156
+    assert by_name["v1"]["gflops"] > by_name["v2"]["gflops"] > 0
+    assert all(row["cpu_ms"] > 0 for row in saved["models"])
+
+
+def test_comparison_with_aps_reuses_widerface_run(tmp_path):
+    sample, gt_dir = shared_path(*VAL_SAMPLE), shared_path("data", "widerface_val_gt")
+    rows, out = run_main(test_v1_v2_comparison, [
+        "--models", "v2", "v1_slim", "--runs", "1", "--input_size", "64", "--image_size", "128",
+        "--dataset_folder", sample / "images", "--image_list", sample / "wider_subset.txt", "--gt_dir", gt_dir,
+        "--save_root", tmp_path])
+    assert "Easy AP" in out and "evaluated on 4 of 3226 val images" in out
+    for row in rows:
+        assert row["images_evaluated"] == 4 and all(0 <= row[s] <= 1 for s in SETTINGS)
+    folder = tmp_path / "v2_random_init" / "predictions"
+    assert len(prediction_files(folder)) == 4
+    result, _, _ = evaluate_images(folder, gt_dir, (sample / "wider_subset.txt").read_text().split())
+    assert result.to_dict() == {s: rows[0][s] for s in SETTINGS}
+
+
+@pytest.mark.slow
+def test_onnx_export_gives_the_same_aps(real_run, tmp_path):
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (torch.onnx.export(dynamo=True))")
+    from utils.checkpoint import load_model
+    from utils.onnx_export import export_onnx
+
+    model, _ = load_model(real_run["weights"])
+    onnx_path = export_onnx(model, tmp_path / "v1_original.onnx", 640)
+    sample = real_run["sample"]
+    results, out = run_main(test_widerface, [
+        "--weights", onnx_path, "--dataset_folder", sample / "images", "--image_list", sample / "wider_subset.txt",
+        "--gt_dir", real_run["gt_dir"], "--save_folder", tmp_path / "out" / "predictions", "--quiet"])
+    for setting in SETTINGS:
+        assert results[setting] == pytest.approx(real_run["results"][setting], abs=1e-4)
