@@ -28,3 +28,24 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture
 def shared() -> Path:
     return shared_path()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on a 2-core machine shared with other jobs, OpenMP spinning
+    makes two threads many times slower than one on small inputs. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint(tmp_path_factory) -> Path:
+    """Our checkpoint of the published trained v1_original, converted from ../shared once per run."""
+    from utils.convert_official import convert_file
+
+    path = tmp_path_factory.mktemp("weights") / "v1_original.pth"
+    convert_file(shared_path("weights", "featherface_v1_original_widerface.pth"), path)
+    return path

@@ -11,7 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, shared_path
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SAMPLE = ROOT / "data" / "sample" / "images"
 # One thread: on a shared 2-core machine OpenMP spinning makes 2 threads far slower.
@@ -23,24 +25,8 @@ def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="module")
-def real_checkpoint(tmp_path_factory) -> Path:
-    """Our checkpoint of the published trained v1_original, converted from ../shared."""
-    from utils.convert_official import convert_file
-
-    path = tmp_path_factory.mktemp("weights") / "v1_original.pth"
-    convert_file(shared_path("weights", "featherface_v1_original_widerface.pth"), path)
-    return path
 
 
 @pytest.mark.parametrize("script", ["detect.py", "benchmark.py"])

@@ -13,12 +13,13 @@ from data.config import get_config
 from data.preprocess import preprocess
 from models import build_model
 from models.deform_conv import DeformableConv2d
-from tests.conftest import ROOT, shared_path
+from tests.conftest import ROOT
 from tests.test_convert_official import GOLDEN_GROUP_8
-from utils.convert_official import convert_file
 from utils.detector import Face, FaceDetector, TorchBackend, backend_for
 from utils.errors import FeatherFaceError
 from utils.fuse import count_batchnorms, fold_conv_bn, fuse_batchnorm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SAMPLE = ROOT / "data" / "sample" / "images"
 FOLD_TOL = 1e-4
@@ -47,22 +48,8 @@ def max_output_diff(a, b, x: torch.Tensor) -> float:
         return max(float((p - q).abs().max()) for p, q in zip(a(x), b(x)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes 2 threads far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="module")
-def real_checkpoint(tmp_path_factory):
-    """Our checkpoint of the published trained v1_original, converted from ../shared."""
-    source = shared_path("weights", "featherface_v1_original_widerface.pth")
-    path = tmp_path_factory.mktemp("weights") / "v1_original.pth"
-    convert_file(source, path)
-    return path
 
 
 @pytest.fixture(scope="module")

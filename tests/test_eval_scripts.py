@@ -29,18 +29,12 @@ from utils.widerface_eval import (SETTINGS, WiderFaceEvalError, evaluate_predict
                                   read_prediction_file, read_predictions)
 from utils.widerface_predict import evaluate_images, image_key, list_images, to_xywh_score
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VAL_SAMPLE = ("data", "widerface_val_sample")
 SAMPLE_IMAGES = ROOT / "data" / "sample" / "images"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here: with other jobs on the cores, two spinning threads run these small
-    inputs many times slower than one (measured: 0.03 s vs 0.4-5 s per V2 forward at 160 px)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def run_main(module, argv):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import string
 import time
 import warnings
@@ -38,6 +37,7 @@ from models.featherface import count_parameters
 from utils.checkpoint import save_checkpoint
 from utils.detector import ONNX_CONFIG_KEY
 from utils.errors import FeatherFaceError
+from utils.timing import measure_latency
 
 PathLike = Union[str, Path]
 
@@ -655,15 +655,8 @@ def _float_node_types(path: Path) -> List[str]:
 
 
 def median_latency_ms(fn, runs: int = 30, warmup: int = 5) -> float:
-    """Median wall time of fn() in milliseconds after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """Median wall time of fn() in milliseconds after `warmup` untimed calls (utils.timing)."""
+    return measure_latency(fn, runs, warmup).median_ms
 
 
 def onnx_latency_ms(path: PathLike, size: Tuple[int, int], threads: int = 1, runs: int = 30) -> float:
