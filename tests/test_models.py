@@ -158,3 +158,21 @@ def test_validate_parameters_script():
     assert out.returncode == 0, out.stderr
     for total in ("488,664", "592,371", "321,041", "256,156"):
         assert total in out.stdout
+
+
+def test_validate_parameters_exits_1_on_a_mismatch(monkeypatch, capsys):
+    import dataclasses
+
+    import validate_parameters
+    from data import config
+
+    monkeypatch.setitem(config.CONFIGS, "v2", dataclasses.replace(config.CONFIGS["v2"], expected_params=256_155))
+    args = validate_parameters.get_args_parser().parse_args(["--model", "v2", "--no_flops", "--image_size", "64"])
+    assert validate_parameters.main(args) == 1
+    assert "MISMATCH: v2 has 256,156 parameters, target 256,155" in capsys.readouterr().err
+    args = validate_parameters.get_args_parser().parse_args(["--model", "v1", "--no_flops", "--image_size", "64", "--json"])
+    assert validate_parameters.main(args) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert report[0]["total"] == 488_664 and report[0]["ok"]
