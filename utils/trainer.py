@@ -167,6 +167,11 @@ def lr_factor(args: argparse.Namespace, iteration: int, iters_per_epoch: int) ->
     return 0.1 ** ((epoch >= args.decay1) + (epoch >= args.decay2))
 
 
+def as_floats(parts: Dict[str, Any]) -> Dict[str, float]:
+    """Loss parts (tensors or numbers) as plain floats for logging."""
+    return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()}
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -320,7 +325,7 @@ class Trainer:
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite loss ({float(loss.detach())}) at epoch {self.state.epoch + 1}, iteration "
-                f"{self.state.iteration}; parts {({k: float(v.detach()) for k, v in parts.items()})}. "
+                f"{self.state.iteration}; parts {as_floats(parts)}. "
                 f"The last good checkpoint in {self.save_dir} is kept; try a lower --lr or --gradient_clip 1"
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -333,7 +338,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        out = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()}
+        out = as_floats(parts)
         out["grad_norm"] = grad_norm
         return out
 
