@@ -16,6 +16,7 @@ import torch
 
 from data.config import CONFIGS
 from models import build_model, count_parameters
+from utils.detector import OUTPUT_NAMES
 from utils.errors import run_cli
 from utils.timing import count_flops
 
@@ -44,7 +45,7 @@ def inspect_model(name: str, image_size: int, flops: bool) -> Dict[str, Any]:
         report["gflops"] = count_flops(model, x) / 1e9
     with torch.inference_mode():
         outputs = model(x)
-    report["output_shapes"] = {n: list(t.shape) for n, t in zip(("bbox_regressions", "classifications", "landmarks"), outputs)}
+    report["output_shapes"] = {n: list(t.shape) for n, t in zip(OUTPUT_NAMES, outputs)}
     return report
 
 

@@ -17,10 +17,14 @@ _MEAN = np.asarray(MEAN_BGR, dtype=np.float32)
 _MEAN_CHW = torch.tensor(MEAN_BGR, dtype=torch.float32).view(3, 1, 1)
 
 
-def subtract_mean(image_bgr: np.ndarray) -> np.ndarray:
-    """uint8/float HxWx3 BGR -> float32 HxWx3 with the BGR mean removed."""
+def _check_bgr(image_bgr: np.ndarray) -> None:
     if image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 BGR image, got shape {tuple(image_bgr.shape)}")
+
+
+def subtract_mean(image_bgr: np.ndarray) -> np.ndarray:
+    """uint8/float HxWx3 BGR -> float32 HxWx3 with the BGR mean removed."""
+    _check_bgr(image_bgr)
     return image_bgr.astype(np.float32) - _MEAN
 
 
@@ -46,8 +50,7 @@ def preprocess(image_bgr: np.ndarray, scale: float = 1.0) -> torch.Tensor:
     """
     if scale != 1.0:
         image_bgr = cv2.resize(image_bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-    if image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 BGR image, got shape {tuple(image_bgr.shape)}")
+    _check_bgr(image_bgr)
     # Transpose the uint8 image first, then convert and subtract in place: same values as
     # subtract_mean(...).transpose, about 3x faster at 640x640.
     chw = torch.from_numpy(np.ascontiguousarray(image_bgr.transpose(2, 0, 1))).float()

@@ -28,6 +28,8 @@ from utils.fuse import fuse_batchnorm
 from utils.postprocess import detect_faces
 
 ONNX_CONFIG_KEY = "featherface_model_config"  # metadata_props entry holding ModelConfig JSON
+INPUT_NAME = "input"  # names of the exported raw-output graph (utils/onnx_export.py writes them)
+OUTPUT_NAMES: Tuple[str, str, str] = ("bbox_regressions", "classifications", "landmarks")
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class OnnxBackend:
         self.device = torch.device("cpu")
 
     def __call__(self, batch: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        outputs = self.session.run(["bbox_regressions", "classifications", "landmarks"], {"input": batch.numpy()})
+        outputs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch.numpy()})
         return tuple(torch.from_numpy(o) for o in outputs)
 
 

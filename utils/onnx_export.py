@@ -35,14 +35,12 @@ from data.preprocess import preprocess, resize_scale
 from layers.box_utils import decode, decode_landmarks
 from models.featherface import count_parameters
 from utils.checkpoint import save_checkpoint
-from utils.detector import ONNX_CONFIG_KEY
+from utils.detector import INPUT_NAME, ONNX_CONFIG_KEY, OUTPUT_NAMES
 from utils.errors import FeatherFaceError
 from utils.timing import measure_latency
 
 PathLike = Union[str, Path]
 
-INPUT_NAME = "input"
-OUTPUT_NAMES: Tuple[str, str, str] = ("bbox_regressions", "classifications", "landmarks")
 SCORE_THRESHOLD_NAME = "score_threshold"
 FACES_NAME = "faces"
 CONFIG_KEY = ONNX_CONFIG_KEY  # metadata entry holding ModelConfig JSON, read by FaceDetector's OnnxBackend
