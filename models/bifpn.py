@@ -7,12 +7,11 @@ depthwise-separable conv blocks with ReLU inside, SiLU fusion, P5 fusing three i
 Shape handling is written so that nothing is computed from the runtime shape in Python
 (dynamic ONNX export) and any input size works:
 - "same" 3x3 stride-1 convs are symmetric padding 1 (identical to TF-"same" for stride 1);
-- up-sampling is nearest to the exact size of the finer map;
-- V1's TF-"same" 3x3/2 max-pool is zero padding of 2 on the bottom/right followed by
-  MaxPool2d(3, 2). For even map sizes (input a multiple of 32) this is exactly the published
-  padding (0 top/left, 1 bottom/right, zeros); for odd sizes the published code pads one
-  pixel on each side instead (and cannot run at all, since its 2x up-sampling then
-  mismatches), so results there are ours by definition.
+- up-sampling is nearest to the exact size of the finer map (as the published code does, so
+  it runs at every input size, odd feature maps included);
+- V1's 3x3/2 max-pool reproduces the published TF-"same" zero padding exactly for every map
+  size n: extra = (ceil(n/2) - 1) * 2 - n + 3 rows, extra // 2 before and the rest after,
+  i.e. 0 before / 1 after for even n and 1 / 1 for odd n (see `SameMaxPool`).
 """
 from __future__ import annotations
 
@@ -47,14 +46,22 @@ def upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 class SameMaxPool(nn.Module):
-    """3x3 stride-2 max-pool with TF-"same" zero padding (see module docstring)."""
+    """3x3 stride-2 max-pool with TF-"same" zero padding, exact for every input size.
+
+    TF-"same" pads (0 before, 1 after) an even side and (1, 1) an odd one, so the last
+    window is always centred on the last row/column: the windows are anchored at the
+    bottom/right edge. Pooling the flipped map with a fixed zero padding of 1 on every side
+    and flipping back gives exactly those windows, with no size-dependent padding: the graph
+    stays free of shape arithmetic (torch.export cannot resolve `n % 2` pads) and batch, H
+    and W stay dynamic in the ONNX export. Output (B, C, ceil(H/2), ceil(W/2)).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.pool = nn.MaxPool2d(3, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(F.pad(x, [0, 2, 0, 2]))
+        return self.pool(F.pad(x.flip(-2, -1), [1, 1, 1, 1])).flip(-2, -1)
 
 
 class SeparableConv(nn.Module):
