@@ -4,7 +4,7 @@ A `ModelConfig` describes a network completely (widths, attention layout, anchor
 variance). It is stored inside every checkpoint, so a checkpoint rebuilds its own model.
 Run settings (epochs, lr, paths) are *not* here; they are command-line flags.
 
-Numbers come from ../shared/spec/ARCHITECTURE.md (verified parameter counts).
+Parameter counts per model and module: docs/ARCHITECTURE.md §0.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class ModelConfig:
         return cls(**d)
 
 
-# The four named models (spec section 0: rows C, A, B, D).
+# The four named models (docs/ARCHITECTURE.md §0).
 CONFIGS: Dict[str, ModelConfig] = {
     "v1": ModelConfig(name="v1", arch="v1", out_channels=52, bifpn_cells=3,
                       post_bifpn_cbam=True, shuffle="free", expected_params=488_664),

@@ -1,6 +1,6 @@
 """Anchor (prior) boxes, in the order the detection heads flatten their outputs.
 
-Order (../shared/spec/ARCHITECTURE.md, "Anchor order"): level k (stride 8, 16, 32) -> row i
+Order (docs/ARCHITECTURE.md §1.2, "Anchor (prior) order"): level k (stride 8, 16, 32) -> row i
 -> column j -> min_size m; each prior is [cx, cy, w, h] normalised by the input size:
 [(j + 0.5) * s / W, (i + 0.5) * s / H, m / W, m / H]. A head output (B, A*k, H_k, W_k)
 permuted to NHWC and reshaped to (B, H_k*W_k*A, k), levels concatenated P3, P4, P5, lines

@@ -1,12 +1,14 @@
 """Convolutional Block Attention Module (CBAM) in the two forms FeatherFace uses.
 
-V1 (spec 2.2): one CBAM per feature map, channel MLP with bias, reduction 16, spatial gate on
-[max, mean]. V2 (spec 3): a manager with one channel gate per level and ONE spatial gate
+V1 (§2.2): one CBAM per feature map, channel MLP with bias, reduction 16, spatial gate on
+[max, mean]. V2 (§3): a manager with one channel gate per level and ONE spatial gate
 shared by all levels, MLP without bias, reduction 32, spatial gate on [mean, max].
 Both are applied residually by the network: y = ReLU(x + CBAM(x)).
 
 Pools are written as x.mean/amax over (H, W) rather than pools with a kernel equal to the
 input size, so nothing here depends on the input shape (dynamic ONNX export).
+
+Sections (§) refer to docs/ARCHITECTURE.md.
 """
 from __future__ import annotations
 

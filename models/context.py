@@ -1,8 +1,8 @@
 """Context modules (SSH) and the channel shuffles that follow them.
 
-V1 (spec 2.4/2.5): SSH whose 3x3 convs are modulated deformable convs, then a channel shuffle
-(parameter-free, or the published conv block). V2 (spec 3): grouped SSH with plain convs and a
-light grouped-conv shuffle.
+V1 (§2.4/2.5): SSH whose 3x3 convs are modulated deformable convs, then a channel shuffle
+(parameter-free, or the published conv block). V2 (§3): grouped SSH with plain convs and a
+light grouped-conv shuffle. Sections (§) refer to docs/ARCHITECTURE.md.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ class _ThreeBranchContext(nn.Module):
 
 
 class SSH(_ThreeBranchContext):
-    """V1 SSH (spec 2.4): three receptive fields from stacked deformable 3x3 convs.
+    """V1 SSH (§2.4): three receptive fields from stacked deformable 3x3 convs.
 
     forward (B, C, H, W) -> (B, C, H, W) = ReLU(concat[C/2, C/4, C/4]).
     """
@@ -127,7 +127,7 @@ def _pointwise_bn_relu(in_ch: int, out_ch: int) -> list:
 
 
 class SSHGrouped(_ThreeBranchContext):
-    """V2 SSH (spec 3): 1x1 reductions then grouped 3x3 convs, no deformable convs.
+    """V2 SSH (§3): 1x1 reductions then grouped 3x3 convs, no deformable convs.
 
     2,064 params at C=32, groups 4. forward (B, C, H, W) -> (B, C, H, W).
     """

@@ -4,7 +4,7 @@
 `modulator_conv`, `regular_conv`). Its forward dispatches between
 `torchvision.ops.deform_conv2d` (CUDA, other dtypes, export/compile tracing) and
 `deform_conv2d_fast`, a pure-PyTorch CPU implementation with a hand-written backward that
-reproduces torchvision's sampling rules (ARCHITECTURE.md section 2.4) several times faster.
+reproduces torchvision's sampling rules (docs/ARCHITECTURE.md §2.4) several times faster.
 """
 from __future__ import annotations
 

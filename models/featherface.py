@@ -1,7 +1,8 @@
 """FeatherFace V1 and V2 assembled from a frozen `ModelConfig`.
 
-Dataflow (spec 2 and 3): MobileNetV1-0.25 stages 1-3 -> residual CBAM on C3/C4/C5 -> BiFPN ->
-[residual CBAM] -> SSH per level -> channel shuffle per level -> class/box/landmark heads.
+Dataflow (docs/ARCHITECTURE.md §2, §3): MobileNetV1-0.25 stages 1-3 -> residual CBAM on
+C3/C4/C5 -> BiFPN -> [residual CBAM] -> SSH per level -> channel shuffle per level ->
+class/box/landmark heads.
 """
 from __future__ import annotations
 

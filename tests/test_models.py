@@ -15,7 +15,7 @@ from utils.checkpoint import load_model, save_checkpoint
 from utils.errors import CheckpointError
 
 EXPECTED = {"v1": 488_664, "v1_original": 592_371, "v1_slim": 321_041, "v2": 256_156}
-MODULES = {  # spec section 0, per-module breakdown
+MODULES = {  # docs/ARCHITECTURE.md §0, per-module breakdown
     "v1": {"backbone": 213_072, "backbone_cbam": 11_528, "bifpn": 84_010, "bifpn_cbam": 1_401,
            "ssh": 173_565, "channel_shuffle": 0, "heads": 5_088},
     "v1_original": {"backbone": 213_072, "backbone_cbam": 11_528, "bifpn": 112_606, "bifpn_cbam": 2_040,
