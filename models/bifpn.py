@@ -1,7 +1,7 @@
 """Bidirectional feature pyramids over P3/P4/P5.
 
-`BiFPN` is V1's cell (spec 2.3: EfficientDet's BiFPN cut to three levels, fast normalised
-fusion, Swish, separable convs without activation). `BiFPNLight` is V2's cell (spec 3:
+`BiFPN` is V1's cell (§2.3: EfficientDet's BiFPN cut to three levels, fast normalised
+fusion, Swish, separable convs without activation). `BiFPNLight` is V2's cell (§3:
 depthwise-separable conv blocks with ReLU inside, SiLU fusion, P5 fusing three inputs).
 
 Shape handling is written so that nothing is computed from the runtime shape in Python
@@ -12,6 +12,8 @@ Shape handling is written so that nothing is computed from the runtime shape in 
 - V1's 3x3/2 max-pool reproduces the published TF-"same" zero padding exactly for every map
   size n: extra = (ceil(n/2) - 1) * 2 - n + 3 rows, extra // 2 before and the rest after,
   i.e. 0 before / 1 after for even n and 1 / 1 for odd n (see `SameMaxPool`).
+
+Sections (§) refer to docs/ARCHITECTURE.md.
 """
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ def projection(in_ch: int, out_ch: int, bias: bool) -> nn.Sequential:
 
 
 class BiFPNCell(nn.Module):
-    """One V1 BiFPN cell (spec 2.3). The first cell projects the backbone maps (twice for
+    """One V1 BiFPN cell (§2.3). The first cell projects the backbone maps (twice for
     P4/P5: separate projections feed the top-down and bottom-up paths)."""
 
     def __init__(self, channels: int, in_channels: Sequence[int] | None = None) -> None:
@@ -146,7 +148,7 @@ class DepthwiseSeparableConv(nn.Module):
 
 
 class BiFPNLightCell(nn.Module):
-    """One V2 BiFPN cell (spec 3). P5_out fuses [P5_in, pool(P4_out), pool(P4_td)]."""
+    """One V2 BiFPN cell (§3). P5_out fuses [P5_in, pool(P4_out), pool(P4_td)]."""
 
     def __init__(self, channels: int, in_channels: Sequence[int] | None = None) -> None:
         super().__init__()
