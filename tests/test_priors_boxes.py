@@ -58,7 +58,7 @@ def test_goldens_odd_size():
 
 
 def _loop_priors(h, w):
-    """Direct transcription of the spec's loop order, for comparison."""
+    """Direct transcription of the loop order in docs/ARCHITECTURE.md §1.2, for comparison."""
     out = []
     for s, sizes in zip(STEPS, MIN_SIZES):
         for i in range(math.ceil(h / s)):
