@@ -28,7 +28,7 @@ import torch
 from data.config import CONFIGS
 from models import build_model
 from utils.checkpoint import load_model
-from utils.detector import OnnxBackend, TorchBackend
+from utils.inference.detector import OnnxBackend, TorchBackend
 from utils.errors import FeatherFaceError, run_cli
 from utils.timing import count_flops, measure_latency, track_peak_memory
 
@@ -54,7 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def export_onnx(model: torch.nn.Module, path: Path) -> Path:
     """Raw-output ONNX with dynamic batch/height/width, through the one exporter."""
-    from utils.onnx_export import export_onnx as export  # the project's single export path
+    from utils.deploy.export import export_onnx as export  # the project's single export path
 
     # The example size only seeds tracing; batch, height and width stay dynamic.
     return export(model, path, image_size=320)

@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 
 from data.config import CONFIGS
-from utils import onnx_export as ox
+from models.featherface import count_parameters
+from utils.deploy.export import (DEFAULT_KEEP_TOP_K, DEFAULT_NMS_THRESHOLD, DEFAULT_OPSET, DEFAULT_SCORE_THRESHOLD,
+                                 DEFAULT_TOP_K, ExportError, MIN_DEFORM_OPSET, check_onnx_file, check_opset,
+                                 export_graphs, export_onnx, op_counts, require_exporter)
+from utils.deploy.package import write_deployment_package
+from utils.deploy.parity import check_detection_parity, check_parity, detection_graph_ok, format_parity
+from utils.deploy.quantize import detection_drift, find_images, onnx_latency_ms, quantize_int8, read_image
 from utils.errors import CheckpointError, FeatherFaceError, run_cli
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "data" / "sample" / "images"
@@ -26,8 +32,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=str, default=None, help="FeatherFace checkpoint (.pth) to export")
     p.add_argument("--random_init", action="store_true", help="export an untrained --model on purpose (no weights)")
     p.add_argument("--output", type=str, default=None, help="ONNX file (default: the checkpoint path with .onnx)")
-    p.add_argument("--opset", type=int, default=ox.DEFAULT_OPSET,
-                   help=f"ONNX opset (>= {ox.MIN_DEFORM_OPSET} for V1 models: DeformConv)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset (>= {MIN_DEFORM_OPSET} for V1 models: DeformConv)")
     p.add_argument("--image_size", type=int, default=640, help="square size of the example input used for tracing")
     p.add_argument("--test_sizes", action="store_true",
                    help="onnx.checker, then ONNX Runtime vs PyTorch at several sizes and batches "
@@ -36,12 +42,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also write <output>_postprocess.onnx: image -> faces (decode + NMS in the graph, batch 1)")
     p.add_argument("--deployment_package", type=str, nargs="?", const="", default=None, metavar="DIR",
                    help="write a deployment package (default DIR: deployment/<model name>/)")
-    p.add_argument("--score_threshold", type=float, default=ox.DEFAULT_SCORE_THRESHOLD,
+    p.add_argument("--score_threshold", type=float, default=DEFAULT_SCORE_THRESHOLD,
                    help="default face score of the package and of the detection checks")
-    p.add_argument("--nms_threshold", type=float, default=ox.DEFAULT_NMS_THRESHOLD,
+    p.add_argument("--nms_threshold", type=float, default=DEFAULT_NMS_THRESHOLD,
                    help="NMS IoU, fixed in the detection graph")
-    p.add_argument("--top_k", type=int, default=ox.DEFAULT_TOP_K, help="best anchors passed to NMS in the graph")
-    p.add_argument("--keep_top_k", type=int, default=ox.DEFAULT_KEEP_TOP_K, help="most faces the graph returns")
+    p.add_argument("--top_k", type=int, default=DEFAULT_TOP_K, help="best anchors passed to NMS in the graph")
+    p.add_argument("--keep_top_k", type=int, default=DEFAULT_KEEP_TOP_K, help="most faces the graph returns")
     p.add_argument("--quantize", type=str, default=None, choices=["int8"],
                    help="also write a static INT8 (QDQ) copy <output>_int8.onnx")
     p.add_argument("--calibration_images", type=str, default=None, help="folder of images for INT8 calibration")
@@ -75,39 +81,39 @@ def load(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def sample_images(folder: Path, limit: int = 3) -> dict:
-    paths = ox.find_images(folder)[:limit] if folder.is_dir() else []
-    return {p.name: ox.read_image(p) for p in paths}
+    paths = find_images(folder)[:limit] if folder.is_dir() else []
+    return {p.name: read_image(p) for p in paths}
 
 
 def main(args: argparse.Namespace) -> dict:
     model = load(args)
     config = model.config
-    ox.check_opset(config, args.opset)
-    calibration = ox.find_images(args.calibration_images) if args.quantize else []
+    check_opset(config, args.opset)
+    calibration = find_images(args.calibration_images) if args.quantize else []
     if args.quantize and not args.calibration_images:
         raise FeatherFaceError("--quantize int8 needs --calibration_images DIR")
-    ox.require_exporter()
+    require_exporter()
     default = Path(args.weights).with_suffix(".onnx") if args.weights else Path(f"weights/{config.name}_random_init.onnx")
     raw = Path(args.output) if args.output else default
     package = None if args.deployment_package is None else Path(args.deployment_package or f"deployment/{config.name}")
     detection = raw.with_name(raw.stem + "_postprocess.onnx") if (args.with_postprocess or package) else None
-    print(f"exporting {config.name} ({ox.count_parameters(model):,} parameters), opset {args.opset}, traced at "
+    print(f"exporting {config.name} ({count_parameters(model):,} parameters), opset {args.opset}, traced at "
           f"{args.image_size}x{args.image_size}", flush=True)
     if detection:
-        ox.export_graphs(model, raw, detection, args.image_size, args.opset, args.nms_threshold, args.top_k,
+        export_graphs(model, raw, detection, args.image_size, args.opset, args.nms_threshold, args.top_k,
                          args.keep_top_k)
     else:
-        ox.export_onnx(model, raw, args.image_size, args.opset)
+        export_onnx(model, raw, args.image_size, args.opset)
     written = {"onnx": raw, "postprocess": detection}
     for path in filter(None, (raw, detection)):
-        ox.check_onnx_file(path)
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {ox.op_counts(path).get('DeformConv', 0)} DeformConv "
+        check_onnx_file(path)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {op_counts(path).get('DeformConv', 0)} DeformConv "
               "nodes), onnx.checker ok")
 
     failures, parity_report = [], None
     if args.test_sizes:
-        rows = ox.check_parity(model, raw)
-        parity_report = ox.format_parity(rows)
+        rows = check_parity(model, raw)
+        parity_report = format_parity(rows)
         print(parity_report)
         failures += [f"raw graph at {r.shape}" for r in rows if not r.ok]
         images = sample_images(SAMPLE_IMAGES)
@@ -116,34 +122,34 @@ def main(args: argparse.Namespace) -> dict:
             # subset of tied boxes: the comparison is then shown but cannot fail the export.
             note = " (untrained: tied scores, informational only)" if args.random_init else ""
             print(f"detection graph vs PyTorch decode + NMS (score > {args.score_threshold}){note}:")
-            for diff in ox.check_detection_parity(model, detection, images, args.score_threshold):
+            for diff in check_detection_parity(model, detection, images, args.score_threshold):
                 print("  " + diff.line())
-                if not (args.random_init or ox.detection_graph_ok(diff)):
+                if not (args.random_init or detection_graph_ok(diff)):
                     failures.append(f"detection graph on {diff.name}")
 
     int8_path = None
     if args.quantize:
-        int8 = ox.quantize_int8(raw, raw.with_name(raw.stem + "_int8.onnx"), calibration, args.image_size)
+        int8 = quantize_int8(raw, raw.with_name(raw.stem + "_int8.onnx"), calibration, args.image_size)
         written["int8"] = int8_path = int8.path
         print(f"wrote {int8.path}: {int8.fp32_bytes / 1e6:.2f} MB -> {int8.int8_bytes / 1e6:.2f} MB, calibrated on "
               f"{int8.calibration_images} images" + (f"; left in float32: {int8.float_ops}" if int8.float_ops else ""))
         size = (args.image_size, args.image_size)
         for threads in (1, 2):
-            fp32_ms = ox.onnx_latency_ms(raw, size, threads, args.latency_runs)
-            int8_ms = ox.onnx_latency_ms(int8.path, size, threads, args.latency_runs)
+            fp32_ms = onnx_latency_ms(raw, size, threads, args.latency_runs)
+            int8_ms = onnx_latency_ms(int8.path, size, threads, args.latency_runs)
             print(f"  latency {size[0]}x{size[1]}, {threads} thread(s): FP32 {fp32_ms:.1f} ms, INT8 {int8_ms:.1f} ms "
                   f"(median of {args.latency_runs})")
         drift_images = sample_images(SAMPLE_IMAGES) or sample_images(Path(args.calibration_images))
-        for diff in ox.detection_drift(raw, int8.path, drift_images, args.score_threshold):
+        for diff in detection_drift(raw, int8.path, drift_images, args.score_threshold):
             print("  INT8 vs FP32 " + diff.line())
 
     if package:
-        ox.write_deployment_package(model, package, raw, detection, args.score_threshold, args.opset, int8_path,
+        write_deployment_package(model, package, raw, detection, args.score_threshold, args.opset, int8_path,
                                     parity_report)
         written["package"] = package
         print(f"deployment package in {package}/ (try: python {package}/usage_example.py IMAGE --output out.jpg)")
     if failures:
-        raise ox.ExportError("ONNX Runtime and PyTorch disagree beyond tolerance: " + "; ".join(failures))
+        raise ExportError("ONNX Runtime and PyTorch disagree beyond tolerance: " + "; ".join(failures))
     return written
 
 

@@ -22,8 +22,8 @@ from test_widerface import add_inference_args, build_detector, run_widerface
 from utils.checkpoint import load_model
 from utils.errors import FeatherFaceError, run_cli
 from utils.timing import count_flops, measure_latency
-from utils.widerface_eval import SETTINGS
-from utils.widerface_predict import file_digest
+from utils.evaluation.widerface_eval import SETTINGS
+from utils.evaluation.predict import file_digest
 
 
 def load_entries(args: argparse.Namespace) -> List[Tuple[str, str, nn.Module]]:

@@ -16,11 +16,11 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from utils.detector import FaceDetector
+from utils.inference.detector import FaceDetector
 from utils.errors import FeatherFaceError, run_cli
-from utils.pr_plot import save_pr_curves
-from utils.widerface_eval import SETTINGS
-from utils.widerface_predict import evaluate_images, file_digest, list_images, predict_images
+from utils.evaluation.pr_plot import save_pr_curves
+from utils.evaluation.widerface_eval import SETTINGS
+from utils.evaluation.predict import evaluate_images, file_digest, list_images, predict_images
 
 RETINAFACE_RESIZE = (1600, 2150)  # short side / long-side cap of RetinaFace's test_widerface.py
 

@@ -11,7 +11,7 @@ import argparse
 from data.config import CONFIGS
 from models import build_model
 from utils.errors import run_cli
-from utils.trainer import DEFAULT_BACKBONE, Trainer, add_training_args, load_backbone_if_any, set_seed
+from utils.training.trainer import DEFAULT_BACKBONE, Trainer, add_training_args, load_backbone_if_any, set_seed
 
 
 def get_args_parser() -> argparse.ArgumentParser:

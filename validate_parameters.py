@@ -16,7 +16,7 @@ import torch
 
 from data.config import CONFIGS
 from models import build_model, count_parameters
-from utils.detector import OUTPUT_NAMES
+from utils.inference.detector import OUTPUT_NAMES
 from utils.errors import run_cli
 from utils.timing import count_flops
 

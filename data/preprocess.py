@@ -13,6 +13,9 @@ import torch
 
 from data.config import MEAN_BGR
 
+# File suffixes read as images everywhere (training data, evaluation, the demo, INT8 calibration).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
 _MEAN = np.asarray(MEAN_BGR, dtype=np.float32)
 _MEAN_CHW = torch.tensor(MEAN_BGR, dtype=torch.float32).view(3, 1, 1)
 

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.augment import landmark_labels, make_targets
-from data.preprocess import preprocess
+from data.preprocess import IMAGE_SUFFIXES, preprocess
 
 __all__ = [
     "LabelFormatError", "Problem", "LabelRecord", "LabelFile", "Sample", "read_label_file",
@@ -46,7 +46,6 @@ __all__ = [
 PathLike = Union[str, Path]
 Transform = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], Tuple[torch.Tensor, np.ndarray]]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 RETINAFACE_FIELD_COUNTS = (4, 19, 20)
 WIDER_FIELD_COUNTS = (4, 10)
 # A box with less than this fraction of its area inside the image is a wrong label (other
@@ -224,7 +223,7 @@ def _is_wider_path_line(text: str) -> bool:
     if _parse_numbers(tokens) is not None:
         return False
     # A lone word without an image extension or folder is a broken count, not a path.
-    return text.lower().endswith(IMAGE_EXTENSIONS) or (len(tokens) == 1 and "/" in text)
+    return text.lower().endswith(IMAGE_SUFFIXES) or (len(tokens) == 1 and "/" in text)
 
 
 def _parse_wider(file: str, lines: Sequence[str]) -> Tuple[List[LabelRecord], List[Problem]]:

@@ -1,4 +1,4 @@
-"""Slow, loop-based WIDER FACE evaluator used only to cross-check utils.widerface_eval.
+"""Slow, loop-based WIDER FACE evaluator used only to cross-check utils.evaluation.widerface_eval.
 
 A plain step-by-step transcription of the official MATLAB protocol, sharing no code with the
 fast evaluator: its own .mat reading, per-image score sort, per-prediction greedy matching

@@ -19,7 +19,7 @@ from utils.checkpoint import load_model, save_checkpoint
 from utils.convert_official import (convert_file, convert_key, convert_state_dict, get_args_parser, load_official,
                                     main)
 from utils.errors import CheckpointError
-from utils.postprocess import detect_faces
+from utils.inference.postprocess import detect_faces
 
 PUBLISHED = ("weights", "featherface_v1_original_widerface.pth")
 

@@ -15,9 +15,9 @@ from models import build_model
 from models.deform_conv import DeformableConv2d
 from tests.conftest import ROOT
 from tests.test_convert_official import GOLDEN_GROUP_8
-from utils.detector import Face, FaceDetector, TorchBackend, backend_for
+from utils.inference.detector import Face, FaceDetector, TorchBackend, backend_for
 from utils.errors import FeatherFaceError
-from utils.fuse import count_batchnorms, fold_conv_bn, fuse_batchnorm
+from utils.deploy.fuse import count_batchnorms, fold_conv_bn, fuse_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -165,7 +165,7 @@ class TinyDetector(nn.Module):
 def export_or_skip(model: nn.Module, path, image_size: int = 64):
     pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (torch.onnx.export(dynamo=True))")
     pytest.importorskip("onnxruntime")
-    from utils.onnx_export import export_onnx
+    from utils.deploy.export import export_onnx
 
     return export_onnx(model.eval(), path, image_size=image_size)
 

@@ -1,5 +1,5 @@
-"""test_widerface.py, test_v1_v2_comparison.py and their helpers (utils/widerface_predict.py,
-utils/tta.py, utils/pr_plot.py)."""
+"""test_widerface.py, test_v1_v2_comparison.py and their helpers (utils/evaluation/predict.py,
+utils/evaluation/tta.py, utils/pr_plot.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -21,13 +21,13 @@ import test_widerface
 from models import build_model
 from tests.conftest import ROOT, shared_path
 from utils.checkpoint import save_checkpoint
-from utils.detector import FaceDetector
+from utils.inference.detector import FaceDetector
 from utils.errors import FeatherFaceError, run_cli
-from utils.pr_plot import SETTING_COLORS, Curve, draw_pr_curves, save_pr_curves
-from utils.tta import detect_with_tta, merge_detections, mirror_detections
-from utils.widerface_eval import (SETTINGS, WiderFaceEvalError, evaluate_predictions, load_ground_truth,
+from utils.evaluation.pr_plot import SETTING_COLORS, Curve, draw_pr_curves, save_pr_curves
+from utils.evaluation.tta import detect_with_tta, merge_detections, mirror_detections
+from utils.evaluation.widerface_eval import (SETTINGS, WiderFaceEvalError, evaluate_predictions, load_ground_truth,
                                   read_prediction_file, read_predictions)
-from utils.widerface_predict import evaluate_images, image_key, list_images, to_xywh_score
+from utils.evaluation.predict import evaluate_images, image_key, list_images, to_xywh_score
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -400,7 +400,7 @@ def test_comparison_with_aps_reuses_widerface_run(tmp_path):
 def test_onnx_export_gives_the_same_aps(real_run, tmp_path):
     pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (torch.onnx.export(dynamo=True))")
     from utils.checkpoint import load_model
-    from utils.onnx_export import export_onnx
+    from utils.deploy.export import export_onnx
 
     model, _ = load_model(real_run["weights"])
     onnx_path = export_onnx(model, tmp_path / "v1_original.onnx", 640)

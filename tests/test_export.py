@@ -32,8 +32,14 @@ ort = pytest.importorskip("onnxruntime")
 cv2 = pytest.importorskip("cv2")
 
 import export_dynamic_onnx as script  # noqa: E402
-from utils import onnx_export as ox  # noqa: E402
-from utils.detector import FaceDetector  # noqa: E402
+from utils.deploy.export import (CONFIG_KEY, DEFAULT_SCORE_THRESHOLD, DETECTION_KEY, ExportError, check_onnx_file,
+                                 check_opset, export_graphs, export_onnx, op_counts, ort_session, pixel_priors,
+                                 read_metadata)
+from utils.deploy.package import write_deployment_package
+from utils.deploy.parity import (TOLERANCES, check_detection_parity, check_parity, compare_detections,
+                                 detection_graph_ok, format_parity, run_detection_graph)
+from utils.deploy.quantize import detection_drift, find_images, fixed_size_input, quantize_int8  # noqa: E402
+from utils.inference.detector import FaceDetector  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample" / "images"
@@ -93,7 +99,7 @@ def realistic(name: str, seed: int = 0) -> torch.nn.Module:
 def v1(tmp_path_factory):
     needs_exporter()
     model = realistic("v1")
-    path = ox.export_onnx(model, tmp_path_factory.mktemp("v1") / "v1.onnx", image_size=256)
+    path = export_onnx(model, tmp_path_factory.mktemp("v1") / "v1.onnx", image_size=256)
     return model, path
 
 
@@ -102,14 +108,14 @@ def v2(tmp_path_factory):
     needs_exporter()
     model = realistic("v2", seed=1)
     folder = tmp_path_factory.mktemp("v2")
-    raw, detection = ox.export_graphs(model, folder / "v2.onnx", folder / "v2_postprocess.onnx", image_size=256)
+    raw, detection = export_graphs(model, folder / "v2.onnx", folder / "v2_postprocess.onnx", image_size=256)
     return model, raw, detection
 
 
 @pytest.fixture(scope="module")
 def v2_package(v2, tmp_path_factory):
     model, raw, detection = v2
-    return ox.write_deployment_package(model, tmp_path_factory.mktemp("pkg") / "v2_package", raw, detection,
+    return write_deployment_package(model, tmp_path_factory.mktemp("pkg") / "v2_package", raw, detection,
                                        score_threshold=RANDOM_THRESHOLD)
 
 
@@ -122,11 +128,11 @@ SHAPES = [(1, 256, 256), (2, 256, 256), (1, 375, 500), (2, 192, 320)]  # 3 sizes
 
 def test_v1_dynamic_shapes_match_pytorch_with_live_deformconv(v1):
     model, path = v1
-    ox.check_onnx_file(path)
-    assert ox.op_counts(path).get("DeformConv") == 15  # 5 per SSH x 3 levels, none replaced by Conv
-    rows = ox.check_parity(model, path, SHAPES)
+    check_onnx_file(path)
+    assert op_counts(path).get("DeformConv") == 15  # 5 per SSH x 3 levels, none replaced by Conv
+    rows = check_parity(model, path, SHAPES)
     assert [r.shape for r in rows] == SHAPES
-    assert all(r.ok for r in rows), ox.format_parity(rows)
+    assert all(r.ok for r in rows), format_parity(rows)
     # The offsets matter: zeroing them changes the outputs far beyond the parity tolerance.
     x = torch.rand(1, 3, 256, 256) * 255 - 117
     zeroed = realistic("v1")
@@ -134,22 +140,22 @@ def test_v1_dynamic_shapes_match_pytorch_with_live_deformconv(v1):
         for module in zeroed.modules():
             if isinstance(module, DeformableConv2d):
                 module.offset_conv.weight.zero_(), module.offset_conv.bias.zero_()
-        assert (model(x)[0] - zeroed(x)[0]).abs().max() > 100 * ox.TOLERANCES["bbox_regressions"]
+        assert (model(x)[0] - zeroed(x)[0]).abs().max() > 100 * TOLERANCES["bbox_regressions"]
 
 
 def test_v2_dynamic_shapes_match_pytorch(v2):
     model, raw, _ = v2
-    ox.check_onnx_file(raw)
-    assert "DeformConv" not in ox.op_counts(raw)
-    rows = ox.check_parity(model, raw, SHAPES)
-    assert all(r.ok for r in rows), ox.format_parity(rows)
+    check_onnx_file(raw)
+    assert "DeformConv" not in op_counts(raw)
+    rows = check_parity(model, raw, SHAPES)
+    assert all(r.ok for r in rows), format_parity(rows)
 
 
 def test_parity_check_catches_a_wrong_graph(v1, v2):
     v1_model, _ = v1
     _, v2_raw, _ = v2
-    rows = ox.check_parity(v1_model, v2_raw, [(1, 64, 64)])
-    assert not rows[0].ok and "FAIL" in ox.format_parity(rows)
+    rows = check_parity(v1_model, v2_raw, [(1, 64, 64)])
+    assert not rows[0].ok and "FAIL" in format_parity(rows)
 
 
 def test_input_output_names_dynamic_dims_and_metadata(v1, v2):
@@ -161,17 +167,17 @@ def test_input_output_names_dynamic_dims_and_metadata(v1, v2):
         batch, channels, height, width = dims(graph.input[0])
         assert channels == 3 and all(isinstance(d, str) for d in (batch, height, width))
         assert [dims(o)[2] for o in graph.output] == [4, 2, 10]
-        meta = ox.read_metadata(path)
-        assert json.loads(meta[ox.CONFIG_KEY])["name"] in ("v1", "v2")
+        meta = read_metadata(path)
+        assert json.loads(meta[CONFIG_KEY])["name"] in ("v1", "v2")
         assert json.loads(meta["featherface_mean_bgr"]) == [104.0, 117.0, 123.0]
-    assert ModelConfig.from_dict(json.loads(ox.read_metadata(raw)[ox.CONFIG_KEY])) == model.config
+    assert ModelConfig.from_dict(json.loads(read_metadata(raw)[CONFIG_KEY])) == model.config
     graph = onnx.load(str(detection)).graph
     assert [i.name for i in graph.input] == ["input", "score_threshold"]
     assert dims(graph.input[0])[:2] == [1, 3] and all(isinstance(d, str) for d in dims(graph.input[0])[2:])
     assert dims(graph.input[1]) == []
     assert [o.name for o in graph.output] == ["faces"] and dims(graph.output[0])[1] == 15
-    assert "NonMaxSuppression" in ox.op_counts(detection)
-    assert json.loads(ox.read_metadata(detection)[ox.DETECTION_KEY])["nms_threshold"] == 0.4
+    assert "NonMaxSuppression" in op_counts(detection)
+    assert json.loads(read_metadata(detection)[DETECTION_KEY])["nms_threshold"] == 0.4
 
 
 def test_onnx_backend_of_face_detector_reads_the_export(v2):
@@ -180,7 +186,7 @@ def test_onnx_backend_of_face_detector_reads_the_export(v2):
     torch_faces = FaceDetector(model, backend="torch", conf=RANDOM_THRESHOLD).detect_array(image)
     onnx_faces = FaceDetector(str(raw), backend="onnx", conf=RANDOM_THRESHOLD).detect_array(image)
     assert len(torch_faces) > 10
-    assert ox.detection_graph_ok(ox.compare_detections("group_8", torch_faces, onnx_faces))
+    assert detection_graph_ok(compare_detections("group_8", torch_faces, onnx_faces))
 
 
 @pytest.mark.parametrize("size", [(640, 640), (480, 640), (375, 500), (33, 47)])
@@ -188,24 +194,24 @@ def test_pixel_priors_equal_prior_boxes(size):
     config = build_model("v2").config
     h, w = size
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-    torch.testing.assert_close(ox.pixel_priors(config, h, w), prior_boxes(size) * scale, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(pixel_priors(config, h, w), prior_boxes(size) * scale, rtol=1e-6, atol=1e-4)
 
 
 def test_detection_graph_matches_pytorch_decode_and_nms(v2):
     model, _, detection = v2
     image = cv2.imread(str(GROUP))
     images = {"group_8": image, "group_8_crop_375x500": np.ascontiguousarray(image[100:475, 200:700])}
-    diffs = ox.check_detection_parity(model, detection, images, RANDOM_THRESHOLD)
+    diffs = check_detection_parity(model, detection, images, RANDOM_THRESHOLD)
     for diff in diffs:
         assert diff.reference > 10, diff.line()
-        assert ox.detection_graph_ok(diff), diff.line()
+        assert detection_graph_ok(diff), diff.line()
     # The threshold is a graph input: a higher one returns a prefix of the same faces.
-    session = ox.ort_session(detection)
-    low = ox.run_detection_graph(session, image, RANDOM_THRESHOLD)
-    high = ox.run_detection_graph(session, image, 0.9)
+    session = ort_session(detection)
+    low = run_detection_graph(session, image, RANDOM_THRESHOLD)
+    high = run_detection_graph(session, image, 0.9)
     assert 0 < len(high) < len(low) and (high[:, 4] > 0.9).all()
     assert np.all(np.diff(low[:, 4]) <= 0)
-    assert len(ox.run_detection_graph(session, image, 1.0)) == 0  # no face: an empty (0, 15)
+    assert len(run_detection_graph(session, image, 1.0)) == 0  # no face: an empty (0, 15)
     with pytest.raises(Exception):  # batch 1 only
         session.run(None, {"input": np.zeros((2, 3, 64, 64), np.float32), "score_threshold": np.array(0.5, np.float32)})
 
@@ -235,46 +241,46 @@ def test_deployment_package_usage_example_runs_as_shipped(v2, v2_package, tmp_pa
     faces = np.asarray(json.loads(out_json.read_text())["faces"], dtype=np.float32)
     assert f"{len(faces)} face(s)" in proc.stdout and "score" in proc.stdout
     expected = FaceDetector(model, backend="torch", conf=RANDOM_THRESHOLD).detect_array(cv2.imread(str(GROUP)))
-    diff = ox.compare_detections("group_8", expected, faces)
-    assert len(expected) > 10 and ox.detection_graph_ok(diff), diff.line()
+    diff = compare_detections("group_8", expected, faces)
+    assert len(expected) > 10 and detection_graph_ok(diff), diff.line()
     drawn = cv2.imread(str(out_image))
     assert drawn.shape == cv2.imread(str(GROUP)).shape and not np.array_equal(drawn, cv2.imread(str(GROUP)))
 
 
 def test_int8_quantization_keeps_metadata_and_detections_close(v2, tmp_path):
     _, raw, _ = v2
-    report = ox.quantize_int8(raw, tmp_path / "v2_int8.onnx", ox.find_images(SAMPLE), image_size=256)
-    counts = ox.op_counts(report.path)
+    report = quantize_int8(raw, tmp_path / "v2_int8.onnx", find_images(SAMPLE), image_size=256)
+    counts = op_counts(report.path)
     assert counts.get("QuantizeLinear", 0) > 50 and counts.get("DequantizeLinear", 0) > 50
-    assert ox.read_metadata(report.path)[ox.CONFIG_KEY] == ox.read_metadata(raw)[ox.CONFIG_KEY]
+    assert read_metadata(report.path)[CONFIG_KEY] == read_metadata(raw)[CONFIG_KEY]
     assert report.calibration_images == 3 and report.float_ops == {}
     image = cv2.imread(str(GROUP))
-    x = ox.fixed_size_input(image, 256)
+    x = fixed_size_input(image, 256)
     assert x.shape == (1, 3, 256, 256)
-    fp32 = ox.ort_session(raw).run(None, {"input": x})
-    int8 = ox.ort_session(report.path).run(None, {"input": x})
+    fp32 = ort_session(raw).run(None, {"input": x})
+    int8 = ort_session(report.path).run(None, {"input": x})
     # Quantization noise, not garbage: outputs stay strongly correlated with FP32 (a random-init
     # network is harder to quantize than a trained one; see the report for real-weight drift).
     for a, b in zip(fp32, int8):
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.8
     assert np.abs(fp32[1] - int8[1]).mean() < 0.1
-    [drift] = ox.detection_drift(raw, report.path, {"group_8": image}, RANDOM_THRESHOLD)
+    [drift] = detection_drift(raw, report.path, {"group_8": image}, RANDOM_THRESHOLD)
     assert drift.reference > 10 and drift.candidate > 0 and drift.matched > 0
 
 
 def test_int8_leaves_deformconv_in_float(v1, tmp_path):
     model, raw = v1
-    report = ox.quantize_int8(raw, tmp_path / "v1_int8.onnx", [GROUP], image_size=128)
+    report = quantize_int8(raw, tmp_path / "v1_int8.onnx", [GROUP], image_size=128)
     assert report.float_ops == {"DeformConv": 15, "BatchNormalization": 15}
-    x = ox.fixed_size_input(cv2.imread(str(GROUP)), 128)
-    scores = ox.ort_session(report.path).run(["classifications"], {"input": x})[0]
+    x = fixed_size_input(cv2.imread(str(GROUP)), 128)
+    scores = ort_session(report.path).run(["classifications"], {"input": x})[0]
     assert scores.shape == (1, 2 * (16 * 16 + 8 * 8 + 4 * 4), 2) and np.isfinite(scores).all()
 
 
 def test_opset_below_19_is_refused_for_deformable_models():
-    with pytest.raises(ox.ExportError, match="opset >= 19"):
-        ox.check_opset(build_model("v1_slim").config, 18)
-    ox.check_opset(build_model("v2").config, 18)  # no DeformConv: fine
+    with pytest.raises(ExportError, match="opset >= 19"):
+        check_opset(build_model("v1_slim").config, 18)
+    check_opset(build_model("v2").config, 18)  # no DeformConv: fine
 
 
 def _cli(capsys, *argv):
@@ -340,10 +346,10 @@ def test_real_weights_package_matches_pytorch_on_group_photo(tmp_path):
     checkpoint = tmp_path / "v1_original.pth"
     convert_file(official, checkpoint)
     model, _ = load_model(checkpoint)
-    raw, detection = ox.export_graphs(model, tmp_path / "v1_original.onnx", tmp_path / "v1_original_postprocess.onnx")
-    rows = ox.check_parity(model, raw, [(1, 320, 320), (1, 375, 500), (2, 256, 256)])
-    assert all(r.ok for r in rows), ox.format_parity(rows)
-    package = ox.write_deployment_package(model, tmp_path / "pkg", raw, detection)
+    raw, detection = export_graphs(model, tmp_path / "v1_original.onnx", tmp_path / "v1_original_postprocess.onnx")
+    rows = check_parity(model, raw, [(1, 320, 320), (1, 375, 500), (2, 256, 256)])
+    assert all(r.ok for r in rows), format_parity(rows)
+    package = write_deployment_package(model, tmp_path / "pkg", raw, detection)
     assert "DeformConv" in (package / "README.md").read_text() and "check your runtime" in (package / "README.md").read_text()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, str(package / "usage_example.py"), str(GROUP), "--json",
@@ -351,6 +357,6 @@ def test_real_weights_package_matches_pytorch_on_group_photo(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     faces = np.asarray(json.loads((tmp_path / "faces.json").read_text())["faces"], dtype=np.float32)
-    expected = FaceDetector(model, backend="torch", conf=ox.DEFAULT_SCORE_THRESHOLD).detect_array(cv2.imread(str(GROUP)))
-    diff = ox.compare_detections("group_8", expected, faces)
-    assert len(expected) >= 5 and ox.detection_graph_ok(diff), diff.line()
+    expected = FaceDetector(model, backend="torch", conf=DEFAULT_SCORE_THRESHOLD).detect_array(cv2.imread(str(GROUP)))
+    diff = compare_detections("group_8", expected, faces)
+    assert len(expected) >= 5 and detection_graph_ok(diff), diff.line()

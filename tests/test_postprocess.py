@@ -7,7 +7,7 @@ import torch
 
 from layers.box_utils import encode, encode_landmarks
 from layers.prior_box import prior_boxes
-from utils.postprocess import detect_faces, detect_faces_batch
+from utils.inference.postprocess import detect_faces, detect_faces_batch
 
 VAR = (0.1, 0.2)
 SIZE = (100, 200)  # network input (H, W)

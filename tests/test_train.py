@@ -14,7 +14,7 @@ import train
 from tests.conftest import ROOT, shared_path
 from utils.checkpoint import atomic_torch_save, load_checkpoint, load_model
 from utils.errors import FeatherFaceError
-from utils.trainer import BadDatasetError, NonFiniteLossError, Trainer
+from utils.training.trainer import BadDatasetError, NonFiniteLossError, Trainer
 
 SAMPLE = ROOT / "data" / "sample" / "label.txt"
 

@@ -16,7 +16,7 @@ from scipy.io import savemat
 
 from tests.conftest import ROOT, shared_path
 from tests.reference_widerface_eval import reference_evaluate
-from utils.widerface_eval import (
+from utils.evaluation.widerface_eval import (
     SETTINGS,
     WiderFaceEvalError,
     box_overlaps,

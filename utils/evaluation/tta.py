@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
-from utils.postprocess import DETECTION_COLUMNS
+from utils.inference.postprocess import DETECTION_COLUMNS
 
 # Landmark order is left eye, right eye, nose, mouth left, mouth right (image left/right), so
 # a mirror image swaps the eyes and the mouth corners.

@@ -8,7 +8,7 @@ from typing import Sequence, Tuple
 import cv2
 import numpy as np
 
-from utils.detector import Face
+from utils.inference.detector import Face
 
 Color = Tuple[int, int, int]
 

@@ -19,13 +19,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from data.preprocess import IMAGE_SUFFIXES
 from utils.errors import FeatherFaceError
-from utils.tta import detect_with_tta
-from utils.widerface_eval import (WiderFaceEvalError, WiderFaceResult, evaluate_predictions, load_ground_truth,
+from utils.evaluation.tta import detect_with_tta
+from utils.evaluation.widerface_eval import (WiderFaceEvalError, WiderFaceResult, evaluate_predictions, load_ground_truth,
                                   prediction_path, read_prediction_file, read_predictions, write_prediction_file)
 
 PathLike = Union[str, Path]
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def list_images(dataset_folder: PathLike, image_list: Optional[PathLike] = None) -> List[str]:

@@ -4,7 +4,7 @@
 (deterministic per (seed, epoch, index), so a resumed run sees exactly the batches an
 uninterrupted one would), optimizer and per-iteration LR schedule, AMP, gradient clipping,
 TensorBoard, atomic full-state checkpoints and resume. Subclasses change `compute_loss` and
-the epoch-end hooks (see train_v2.DistillationTrainer).
+the epoch-end hooks (see utils.training.distillation.DistillationTrainer).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from layers.gradient_clipper import GradientClipper
 from layers.multibox_loss import MultiBoxLoss
 from layers.prior_box import prior_boxes_for
 from models.backbone import load_pretrained_backbone
-from utils.checkpoint import atomic_torch_save, load_checkpoint, load_state_strict, save_checkpoint, unwrap
+from utils.checkpoint import load_checkpoint, load_state_strict, save_checkpoint, unwrap
 from utils.errors import CheckpointError, FeatherFaceError
 
 DEFAULT_BACKBONE = "weights/mobilenetV1X0.25_pretrain.tar"

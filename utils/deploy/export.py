@@ -1,0 +1,292 @@
+"""ONNX export of FeatherFace: the dynamic-shape raw graph and the detection graph.
+
+Two graphs are exported, both with the dynamo exporter (`torch.onnx.export(dynamo=True)`: the
+only exporter that maps `torchvision::deform_conv2d` to the standard ONNX DeformConv op,
+opset >= 19; see docs/ARCHITECTURE.md):
+
+- raw graph: `input` (B, 3, H, W) float32 BGR minus mean -> `bbox_regressions` (B, N, 4),
+  `classifications` (B, N, 2) softmax, `landmarks` (B, N, 10); batch, height and width dynamic.
+  The model config is stored as JSON in the metadata entry `featherface_model_config`, so
+  `FaceDetector(path, backend="onnx")` rebuilds priors and decoding from the file alone.
+- detection graph: `input` (1, 3, H, W) and `score_threshold` (scalar) -> `faces` (K, 15)
+  [x1, y1, x2, y2, score, 5 x (x, y)] in input pixels, sorted by score. Priors are computed in
+  the graph from H and W, then decode, score threshold, top-k and ONNX NonMaxSuppression;
+  NMS IoU, top-k and keep-top-k are fixed at export time and recorded in the metadata.
+
+Parity checks live in `utils.deploy.parity`, INT8 in `utils.deploy.quantize`, the deployment
+package in `utils.deploy.package`.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torchvision.ops import nms
+
+from data.config import MEAN_BGR, ModelConfig
+from layers.box_utils import decode, decode_landmarks
+from utils.inference.detector import INPUT_NAME, ONNX_CONFIG_KEY, OUTPUT_NAMES
+from utils.errors import FeatherFaceError
+
+PathLike = Union[str, Path]
+
+SCORE_THRESHOLD_NAME = "score_threshold"
+FACES_NAME = "faces"
+CONFIG_KEY = ONNX_CONFIG_KEY  # metadata entry holding ModelConfig JSON, read by FaceDetector's OnnxBackend
+DETECTION_KEY = "featherface_detection"  # detection graph: its fixed NMS settings (JSON)
+
+DEFAULT_OPSET = 20
+MIN_DEFORM_OPSET = 19  # DeformConv entered the ONNX standard in opset 19
+MIN_SIDE = 32  # smallest input side the networks accept (one stride-32 cell)
+MAX_SIDE = 8192
+
+
+# Post-processing defaults of the deployment package (RetinaFace demo values).
+DEFAULT_SCORE_THRESHOLD = 0.5
+DEFAULT_NMS_THRESHOLD = 0.4
+DEFAULT_TOP_K = 5000
+DEFAULT_KEEP_TOP_K = 750
+
+
+
+class ExportError(FeatherFaceError):
+    """Export, parity, quantization or packaging cannot proceed; the message says why."""
+
+
+def require_exporter() -> None:
+    """The dynamo exporter needs onnxscript; say so in one line instead of a deep ImportError."""
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise ExportError(
+            "ONNX export needs the 'onnxscript' package (torch.onnx.export(dynamo=True)); "
+            f"install it with `pip install onnxscript` ({exc})"
+        ) from None
+
+
+def check_opset(config: ModelConfig, opset: int) -> None:
+    """V1 models contain deformable convs, which ONNX has only from opset 19 (DeformConv)."""
+    if config.deformable and opset < MIN_DEFORM_OPSET:
+        raise ExportError(
+            f"model '{config.name}' has deformable convolutions, which need ONNX opset >= "
+            f"{MIN_DEFORM_OPSET} (DeformConv); got --opset {opset}"
+        )
+    if opset < 18:
+        raise ExportError(f"opset {opset} is too old for the dynamo exporter; use >= 18 ({DEFAULT_OPSET} recommended)")
+
+
+def _size_pair(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if min(h, w) < MIN_SIDE or max(h, w) > MAX_SIDE:
+        raise ExportError(f"image size {h}x{w} is outside {MIN_SIDE}..{MAX_SIDE} pixels per side")
+    return int(h), int(w)
+
+
+def _export(module: nn.Module, args: Tuple[torch.Tensor, ...], path: Path, input_names: Sequence[str],
+            output_names: Sequence[str], dynamic_shapes: Tuple, opset: int) -> None:
+    require_exporter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # torchvision's nms meta kernel and the exporter emit deprecation chatter at every call.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            program = torch.onnx.export(
+                module, args, dynamo=True, opset_version=opset, input_names=list(input_names),
+                output_names=list(output_names), dynamic_shapes=dynamic_shapes, verbose=False,
+            )
+        except Exception as exc:  # noqa: BLE001 - the exporter raises many types; keep its message
+            raise ExportError(f"torch.onnx.export failed for {path.name}: {type(exc).__name__}: {exc}") from exc
+    # One self-contained file (the models are < 3 MB): no external-data side file to lose.
+    program.save(str(path), external_data=False)
+
+
+def set_metadata(path: PathLike, entries: Dict[str, str]) -> None:
+    """Add or replace metadata_props entries of an ONNX file in place."""
+    import onnx
+
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
+def read_metadata(path: PathLike) -> Dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def model_metadata(config: ModelConfig) -> Dict[str, str]:
+    """Metadata every exported graph carries: config JSON, preprocessing and output layout."""
+    return {
+        CONFIG_KEY: json.dumps(config.to_dict()),
+        "featherface_mean_bgr": json.dumps(list(MEAN_BGR)),
+        "featherface_variance": json.dumps(list(config.variance)),
+        "featherface_input": "float32 (B, 3, H, W): BGR pixels minus featherface_mean_bgr, no scaling",
+    }
+
+
+def export_onnx(model: nn.Module, path: PathLike, image_size: Union[int, Sequence[int]] = 640,
+                opset: int = DEFAULT_OPSET) -> Path:
+    """Export the raw-output graph with dynamic batch, height and width; returns the path."""
+    config: ModelConfig = model.config
+    check_opset(config, opset)
+    h, w = _size_pair(image_size)
+    model = model.eval()
+    path = Path(path)
+    _export(model, (torch.zeros(1, 3, h, w),), path, [INPUT_NAME], OUTPUT_NAMES, (_input_dims(),), opset)
+    set_metadata(path, model_metadata(config))
+    return path
+
+
+def _input_dims() -> Dict[int, torch.export.Dim]:
+    return {0: torch.export.Dim("batch", min=1, max=1024),
+            2: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
+            3: torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)}
+
+
+def pixel_priors(config: ModelConfig, height: Union[int, torch.SymInt], width: Union[int, torch.SymInt]) -> torch.Tensor:
+    """Priors (N, 4) [cx, cy, w, h] in input pixels, from H and W alone (graph-friendly).
+
+    Same order and values as layers.prior_box.prior_boxes times (W, H, W, H); written with
+    integer ceil-division and arange so it traces on symbolic sizes. Pixel units make the
+    decoded boxes pixels directly (decode is linear in the prior).
+    """
+    levels = []
+    for step, sizes in zip(config.steps, config.min_sizes):
+        rows = (height + step - 1) // step
+        cols = (width + step - 1) // step
+        cy = (torch.arange(rows, dtype=torch.float32) + 0.5) * step
+        cx = (torch.arange(cols, dtype=torch.float32) + 0.5) * step
+        grid_y, grid_x = torch.meshgrid(cy, cx, indexing="ij")
+        shape = (rows, cols, len(sizes))
+        wh = torch.tensor(sizes, dtype=torch.float32).expand(shape)
+        level = torch.stack([grid_x[:, :, None].expand(shape), grid_y[:, :, None].expand(shape), wh, wh], dim=-1)
+        levels.append(level.reshape(-1, 4))
+    return torch.cat(levels)
+
+
+class DetectionGraph(nn.Module):
+    """FeatherFace + in-graph priors, decode, score threshold, top-k and NMS.
+
+    forward(image (B, 3, H, W) BGR minus mean, score_threshold () float) -> (bbox_regressions,
+    classifications, landmarks) as the model returns them, and faces (K, 15) of the FIRST image
+    [x1, y1, x2, y2, score, l0x, l0y, ..., l4x, l4y] in input pixels, highest score first: the
+    steps of utils.inference.postprocess.detect_faces with scale 1. Exported once, it is split into the
+    raw graph and the (batch-1) detection graph.
+    """
+
+    def __init__(self, model: nn.Module, nms_threshold: float = DEFAULT_NMS_THRESHOLD,
+                 top_k: int = DEFAULT_TOP_K, keep_top_k: int = DEFAULT_KEEP_TOP_K) -> None:
+        super().__init__()
+        self.model = model
+        self.nms_threshold, self.top_k, self.keep_top_k = float(nms_threshold), int(top_k), int(keep_top_k)
+
+    def forward(self, image: torch.Tensor, score_threshold: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        loc, conf, landm = self.model(image)
+        config: ModelConfig = self.model.config
+        priors = pixel_priors(config, image.shape[2], image.shape[3])
+        scores = conf[0, :, 1]
+        # top-k of all scores, then the threshold: the same set as detect_faces' threshold-then-
+        # top-k, with one data-dependent step instead of two.
+        order = torch.topk(scores, torch.sym_min(self.top_k, scores.shape[0])).indices
+        order = order[scores[order] > score_threshold]
+        # Gather priors and outputs by index instead of broadcasting them: the exporter cannot
+        # prove that N from the heads equals N from the prior formula, but indexing needs no proof.
+        kept_priors = priors[order]
+        boxes = decode(loc[0, order], kept_priors, config.variance)
+        points = decode_landmarks(landm[0, order], kept_priors, config.variance)
+        scores = scores[order]
+        kept = nms(boxes, scores, self.nms_threshold)[: self.keep_top_k]
+        faces = torch.cat([boxes[kept], scores[kept, None], points[kept]], dim=1)
+        return loc, conf, landm, faces
+
+
+def export_graphs(model: nn.Module, raw_path: PathLike, detection_path: PathLike,
+                  image_size: Union[int, Sequence[int]] = 640, opset: int = DEFAULT_OPSET,
+                  nms_threshold: float = DEFAULT_NMS_THRESHOLD, top_k: int = DEFAULT_TOP_K,
+                  keep_top_k: int = DEFAULT_KEEP_TOP_K) -> Tuple[Path, Path]:
+    """Export the raw graph and the detection graph from ONE trace of `DetectionGraph`.
+
+    Tracing dominates export time (about 20-40 s on two CPU cores per model), so the combined
+    graph is exported once and split with onnx.utils.extract_model: raw graph `input` ->
+    bbox_regressions/classifications/landmarks (dynamic batch, H, W); detection graph `input`
+    (1, 3, H, W), `score_threshold` -> `faces` (dynamic H, W, batch 1). Returns both paths.
+    """
+    import onnx
+    import onnx.utils
+
+    config: ModelConfig = model.config
+    check_opset(config, opset)
+    h, w = _size_pair(image_size)
+    graph = DetectionGraph(model.eval(), nms_threshold, top_k, keep_top_k).eval()
+    raw_path, detection_path = Path(raw_path), Path(detection_path)
+    combined = detection_path.with_name(detection_path.stem + "_combined.onnx")
+    args = (torch.zeros(1, 3, h, w), torch.tensor(DEFAULT_SCORE_THRESHOLD))
+    try:
+        _export(graph, args, combined, [INPUT_NAME, SCORE_THRESHOLD_NAME], [*OUTPUT_NAMES, FACES_NAME],
+                (_input_dims(), None), opset)
+        raw_path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.utils.extract_model(str(combined), str(raw_path), [INPUT_NAME], list(OUTPUT_NAMES))
+        onnx.utils.extract_model(str(combined), str(detection_path), [INPUT_NAME, SCORE_THRESHOLD_NAME], [FACES_NAME])
+    finally:
+        combined.unlink(missing_ok=True)
+    _fix_batch_one(detection_path)
+    set_metadata(raw_path, model_metadata(config))
+    settings = {"nms_threshold": graph.nms_threshold, "top_k": graph.top_k, "keep_top_k": graph.keep_top_k,
+                "batch": 1, "output": "faces (K, 15) [x1, y1, x2, y2, score, l0x, l0y, ..., l4x, l4y] in input pixels"}
+    set_metadata(detection_path, {**model_metadata(config), DETECTION_KEY: json.dumps(settings)})
+    return raw_path, detection_path
+
+
+def _fix_batch_one(path: Path) -> None:
+    """The detection graph reads image 0 only: declare its input batch as 1 so ORT rejects more."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for value in model.graph.input:
+        if value.name == INPUT_NAME:
+            value.type.tensor_type.shape.dim[0].Clear()
+            value.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(path))
+
+
+def check_onnx_file(path: PathLike) -> None:
+    """onnx.checker with full shape inference; raises ExportError with the checker's message."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001 - checker raises ValidationError / InferenceError
+        raise ExportError(f"{path} fails onnx.checker: {exc}") from exc
+
+
+def ort_session(path: PathLike, threads: Optional[int] = None):
+    """CPU ONNX Runtime session (the CPU provider implements DeformConv)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def op_counts(path: PathLike) -> Dict[str, int]:
+    """Node count per op type, e.g. {'DeformConv': 15, 'Conv': 101, ...}."""
+    import onnx
+
+    counts: Dict[str, int] = {}
+    for node in onnx.load(str(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts

@@ -1,0 +1,114 @@
+"""The deployment package: graphs, checkpoint, config JSON, a usage example and a README."""
+from __future__ import annotations
+
+import json
+import shutil
+import string
+from pathlib import Path
+from typing import Dict, Optional
+
+from torch import nn
+
+from data.config import MEAN_BGR, ModelConfig
+from models.featherface import count_parameters
+from utils.checkpoint import save_checkpoint
+from utils.deploy.export import (DEFAULT_KEEP_TOP_K, DEFAULT_NMS_THRESHOLD, DEFAULT_OPSET, DEFAULT_SCORE_THRESHOLD,
+                                 DEFAULT_TOP_K, DETECTION_KEY, FACES_NAME, MIN_DEFORM_OPSET, MIN_SIDE,
+                                 SCORE_THRESHOLD_NAME, PathLike, op_counts, read_metadata)
+from utils.inference.detector import INPUT_NAME, OUTPUT_NAMES
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "template"
+
+def deployment_config(model: nn.Module, score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+                      nms_threshold: float = DEFAULT_NMS_THRESHOLD, top_k: int = DEFAULT_TOP_K,
+                      keep_top_k: int = DEFAULT_KEEP_TOP_K, opset: int = DEFAULT_OPSET) -> Dict:
+    """Everything a runtime needs to feed the graphs and read their outputs (JSON-ready)."""
+    config: ModelConfig = model.config
+    return {
+        "model_name": config.name,
+        "arch": config.arch,
+        "parameters": count_parameters(model),
+        "has_deformable_conv": config.deformable,
+        "opset": opset,
+        "mean_bgr": list(MEAN_BGR),
+        "variance": list(config.variance),
+        "min_sizes": [list(m) for m in config.min_sizes],
+        "steps": list(config.steps),
+        "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "shape": ["batch", 3, "height", "width"],
+                  "channels": "BGR", "normalization": "pixel - mean_bgr, no scaling",
+                  "min_side": MIN_SIDE},
+        "raw_graph": {"file": "model.onnx",
+                      "outputs": {OUTPUT_NAMES[0]: ["batch", "priors", 4], OUTPUT_NAMES[1]: ["batch", "priors", 2],
+                                  OUTPUT_NAMES[2]: ["batch", "priors", 10]}},
+        "detection_graph": {"file": "model_postprocess.onnx", "batch": 1,
+                            "inputs": {INPUT_NAME: [1, 3, "height", "width"], SCORE_THRESHOLD_NAME: []},
+                            "outputs": {FACES_NAME: ["faces", 15]},
+                            "columns": ["x1", "y1", "x2", "y2", "score"]
+                            + [f"l{i}{a}" for i in range(5) for a in "xy"]},
+        "thresholds": {"score": score_threshold, "nms_iou": nms_threshold, "top_k": top_k, "keep_top_k": keep_top_k},
+    }
+
+
+def _fill_template(name: str, values: Dict[str, str]) -> str:
+    return string.Template((TEMPLATE_DIR / name).read_text()).substitute(values)
+
+
+def _runtime_note(config: ModelConfig, onnx_path: PathLike, opset: int) -> str:
+    """README paragraph on which runtimes can run the graphs (DeformConv is the risk, spec 4)."""
+    import onnxruntime
+
+    if not config.deformable:
+        return ("This model has no deformable convolutions: `model.onnx` uses only common ONNX ops (Conv, "
+                "pooling, Resize, Softmax, ...) and `model_postprocess.onnx` adds `NonMaxSuppression`, `TopK` and "
+                f"`NonZero`. Any runtime with opset {opset} support should run it; check yours with "
+                "`usage_example.py`.")
+    return (f"This model contains **deformable convolutions** (ONNX `DeformConv`, opset >= {MIN_DEFORM_OPSET}, "
+            f"{op_counts(onnx_path).get('DeformConv', 0)} nodes). ONNX Runtime's CPU execution provider runs "
+            f"them (checked with ONNX Runtime {onnxruntime.__version__}). Other runtimes and execution providers "
+            "(ONNX Runtime's CUDA, TensorRT or mobile builds, TensorRT itself, OpenVINO, TFLite converters, older "
+            "ONNX Runtime releases) may not implement DeformConv: check your runtime before you rely on it, for "
+            "example by running `usage_example.py` there. The graphs were never made DeformConv-free by "
+            "replacing the deformable convs with plain ones, which would silently change the model.")
+
+
+def write_deployment_package(model: nn.Module, out_dir: PathLike, onnx_path: PathLike, detection_path: PathLike,
+                             score_threshold: float = DEFAULT_SCORE_THRESHOLD, opset: int = DEFAULT_OPSET,
+                             int8_path: Optional[PathLike] = None, parity_report: Optional[str] = None) -> Path:
+    """Assemble out_dir: model.pth, model.onnx, model_postprocess.onnx, deployment_config.json,
+    usage_example.py and README.md, plus model_int8.onnx when `int8_path` is given.
+    `parity_report` (the `format_parity` table) is quoted in the README. Returns out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = json.loads(read_metadata(detection_path).get(DETECTION_KEY, "{}"))
+    config = deployment_config(model, score_threshold, settings.get("nms_threshold", DEFAULT_NMS_THRESHOLD),
+                               settings.get("top_k", DEFAULT_TOP_K), settings.get("keep_top_k", DEFAULT_KEEP_TOP_K),
+                               opset)
+    save_checkpoint(out / "model.pth", model)
+    (out / "model.pth").chmod(0o644)  # written via a private temp file; a package is for sharing
+    files = {"model.onnx": onnx_path, "model_postprocess.onnx": detection_path}
+    if int8_path is not None:
+        files["model_int8.onnx"] = int8_path
+        config["int8_graph"] = {"file": "model_int8.onnx", "format": "QDQ, per-channel int8 weights, uint8 "
+                                "activations", "inputs_outputs": "as model.onnx"}
+    for name, source in files.items():
+        if Path(source).resolve() != (out / name).resolve():
+            shutil.copyfile(source, out / name)
+    (out / "deployment_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copyfile(TEMPLATE_DIR / "usage_example.py", out / "usage_example.py")
+    m: ModelConfig = model.config
+    thresholds = config["thresholds"]
+    values = {
+        "model_name": m.name, "arch": m.arch, "parameters": f"{config['parameters']:,}", "opset": str(opset),
+        "mean": ", ".join(f"{v:g}" for v in MEAN_BGR), "variance": ", ".join(f"{v:g}" for v in m.variance),
+        "score_threshold": f"{score_threshold:g}", "nms_threshold": f"{thresholds['nms_iou']:g}",
+        "top_k": str(thresholds["top_k"]), "keep_top_k": str(thresholds["keep_top_k"]),
+        "runtime_note": _runtime_note(m, onnx_path, opset),
+        "parity_note": (
+            "ONNX Runtime (CPU) vs PyTorch at export time, max absolute difference per output:\n\n```\n"
+            + parity_report + "\n```" if parity_report else
+            "The export was not compared with PyTorch (`export_dynamic_onnx.py --test_sizes` does that)."),
+        "extra_files": ("| `model_int8.onnx` | static INT8 (QDQ) copy of `model.onnx`: smaller, but its detections "
+                        "drift from FP32 — measure on your data before using it |\n" if int8_path else ""),
+    }
+    (out / "README.md").write_text(_fill_template("README.md", values))
+    return out

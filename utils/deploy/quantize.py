@@ -1,0 +1,160 @@
+"""Static INT8 quantization of a raw graph, latency helpers and FP32-vs-INT8 detection drift."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from data.preprocess import IMAGE_SUFFIXES, preprocess, resize_scale
+from utils.deploy.export import DEFAULT_SCORE_THRESHOLD, ExportError, PathLike, ort_session, read_metadata, set_metadata
+from utils.deploy.parity import DetectionDiff, compare_detections
+from utils.inference.detector import INPUT_NAME
+from utils.timing import measure_latency
+
+
+
+def find_images(folder: PathLike) -> List[Path]:
+    """Image files (jpg/png/bmp/webp) in `folder` and its subfolders, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportError(f"calibration image folder not found: {folder}")
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ExportError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return images
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    import cv2
+
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ExportError(f"cannot read image {path}")
+    return image
+
+
+def fixed_size_input(image_bgr: np.ndarray, size: int) -> np.ndarray:
+    """(1, 3, size, size) float32: longer side resized to `size`, zero-padded bottom/right after
+    mean removal (the padding preprocess_batch uses)."""
+    scale = resize_scale(image_bgr.shape[0], image_bgr.shape[1], None, size)
+    chw = preprocess(image_bgr, scale)
+    out = torch.zeros(1, 3, size, size)
+    out[0, :, : chw.shape[1], : chw.shape[2]] = chw[:, :size, :size]
+    return out.numpy()
+
+
+def _calibration_reader(images: Sequence[Path], size: int):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class ImageReader(CalibrationDataReader):
+        """Feeds each calibration image once, preprocessed like inference."""
+
+        def __init__(self) -> None:
+            self._paths = iter(images)
+
+        def get_next(self):
+            path = next(self._paths, None)
+            return None if path is None else {INPUT_NAME: fixed_size_input(read_image(path), size)}
+
+    return ImageReader()
+
+
+@dataclass
+class QuantizationReport:
+    path: Path
+    fp32_bytes: int
+    int8_bytes: int
+    calibration_images: int
+    float_ops: Dict[str, int] = field(default_factory=dict)  # ops left in float (not quantizable)
+
+
+def quantize_int8(fp32_path: PathLike, out_path: PathLike, calibration_images: Sequence[Path],
+                  image_size: int = 640, per_channel: bool = True) -> QuantizationReport:
+    """Static INT8 (QDQ, per-channel weights, MinMax calibration) of a raw graph.
+
+    onnxruntime.quantization has no DeformConv quantizer, so V1's DeformConv nodes and the
+    BatchNormalization right after each (which ORT cannot fold into a DeformConv) stay float32:
+    they read dequantized inputs and the next quantized op re-quantizes their output.
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    if not calibration_images:
+        raise ExportError("INT8 quantization needs at least one calibration image")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    prepared = out_path.with_name(out_path.stem + "_prep.onnx")
+    try:
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared), str(out_path), _calibration_reader(calibration_images, image_size),
+            quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            per_channel=per_channel, nodes_to_exclude=_float_nodes(prepared),
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the quantizer raises many types
+        raise ExportError(f"INT8 quantization of {fp32_path} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        prepared.unlink(missing_ok=True)
+    set_metadata(out_path, read_metadata(fp32_path))
+    float_ops = {}
+    for op in _float_node_types(out_path):
+        float_ops[op] = float_ops.get(op, 0) + 1
+    return QuantizationReport(out_path, fp32_path.stat().st_size, out_path.stat().st_size,
+                              len(calibration_images), float_ops)
+
+
+def _float_candidates(path: Path) -> List:
+    """DeformConv nodes and the BatchNormalization nodes that read a DeformConv output."""
+    import onnx
+
+    nodes = onnx.load(str(path)).graph.node
+    deform_outputs = {n.output[0] for n in nodes if n.op_type == "DeformConv"}
+    return [n for n in nodes if n.op_type == "DeformConv"
+            or (n.op_type == "BatchNormalization" and n.input[0] in deform_outputs)]
+
+
+def _float_nodes(path: Path) -> List[str]:
+    return [n.name for n in _float_candidates(path)]
+
+
+def _float_node_types(path: Path) -> List[str]:
+    return [n.op_type for n in _float_candidates(path)]
+
+
+def median_latency_ms(fn, runs: int = 30, warmup: int = 5) -> float:
+    """Median wall time of fn() in milliseconds after `warmup` untimed calls (utils.timing)."""
+    return measure_latency(fn, runs, warmup).median_ms
+
+
+def onnx_latency_ms(path: PathLike, size: Tuple[int, int], threads: int = 1, runs: int = 30) -> float:
+    session = ort_session(path, threads)
+    x = {INPUT_NAME: np.random.default_rng(0).uniform(-120, 150, (1, 3, *size)).astype(np.float32)}
+    return median_latency_ms(lambda: session.run(None, x), runs)
+
+
+def torch_latency_ms(model: nn.Module, size: Tuple[int, int], threads: int = 1, runs: int = 30) -> float:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    x = torch.rand(1, 3, *size) * 255 - 117
+    try:
+        with torch.inference_mode():
+            return median_latency_ms(lambda: model(x), runs)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def detection_drift(fp32_path: PathLike, int8_path: PathLike, images: Dict[str, np.ndarray],
+                    score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> List[DetectionDiff]:
+    """FP32 vs INT8 raw graphs through the same FaceDetector decode + NMS, per image."""
+    from utils.inference.detector import FaceDetector
+
+    fp32 = FaceDetector(str(fp32_path), backend="onnx", conf=score_threshold)
+    int8 = FaceDetector(str(int8_path), backend="onnx", conf=score_threshold)
+    return [compare_detections(name, fp32.detect_array(im), int8.detect_array(im)) for name, im in images.items()]

@@ -1,0 +1,91 @@
+"""Run a FaceDetector over images and videos: annotated copies plus a JSON-ready record
+(`detect.py`'s engine). Unreadable files are recorded as errors instead of aborting the run."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import cv2
+from tqdm import tqdm
+
+from data.preprocess import IMAGE_SUFFIXES
+from utils.errors import FeatherFaceError
+from utils.inference.detector import FaceDetector
+from utils.inference.visualize import draw_faces, has_display, show_image
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
+
+
+class MediaRunner:
+    """Detects, annotates, writes and records; failures go to `errors` instead of aborting."""
+
+    def __init__(self, detector: FaceDetector, output: Path, show: bool = False, quiet: bool = False) -> None:
+        self.detector, self.output = detector, Path(output)
+        self.show = show and has_display()
+        if show and not self.show:
+            print("warning: --show ignored: no display available", file=sys.stderr)
+        self.results: Dict[str, List[dict]] = {"images": [], "videos": [], "errors": []}
+        self.progress = not quiet and sys.stderr.isatty()
+
+    def fail(self, path: Path, message: str) -> None:
+        print(f"warning: skipping {path}: {message}", file=sys.stderr)
+        self.results["errors"].append({"file": str(path), "error": message})
+
+    def target(self, path: Path, suffix: str) -> Path:
+        out = self.output / (path.stem + suffix)
+        if out.resolve() == path.resolve():
+            raise FeatherFaceError(f"--output {self.output} would overwrite the input {path}; choose another folder")
+        return out
+
+    def image(self, path: Path) -> None:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            return self.fail(path, "cannot read the image (missing, corrupt or unsupported format)")
+        faces = self.detector.detect(image)
+        annotated = draw_faces(image, faces)
+        out = self.target(path, path.suffix if path.suffix.lower() in IMAGE_SUFFIXES else ".jpg")
+        if not cv2.imwrite(str(out), annotated):
+            return self.fail(path, f"cannot write {out}")
+        self.results["images"].append({"file": str(path), "output": str(out), "width": image.shape[1],
+                                       "height": image.shape[0], "faces": [f.to_dict() for f in faces]})
+        if self.show:
+            self.show = show_image(annotated, 0)
+
+    def video(self, path: Path) -> None:
+        capture = cv2.VideoCapture(str(path))
+        if not capture.isOpened():
+            return self.fail(path, "cannot open the video (missing, corrupt or unsupported codec)")
+        fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+        total = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0) or None  # streams report -1 or 0
+        out, writer, frames = self.target(path, ".avi"), None, []
+        with tqdm(total=total, desc=path.name, unit="frame", disable=not self.progress) as bar:
+            while True:
+                ok, frame = capture.read()
+                if not ok:
+                    break
+                faces = self.detector.detect(frame)
+                annotated = draw_faces(frame, faces)
+                if writer is None:
+                    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"MJPG"), fps, annotated.shape[1::-1])
+                    if not writer.isOpened():
+                        capture.release()
+                        return self.fail(path, f"cannot write {out} (MJPG/AVI writer unavailable)")
+                writer.write(annotated)
+                frames.append({"frame": len(frames), "faces": [f.to_dict() for f in faces]})
+                if self.show:
+                    self.show = show_image(annotated, 1)
+                bar.update()
+        capture.release()
+        if writer is None:
+            return self.fail(path, "the video has no readable frames")
+        writer.release()
+        self.results["videos"].append({"file": str(path), "output": str(out), "fps": fps, "frames": frames})
+
+
+def collect_inputs(path: Path) -> List[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+    if not path.exists():
+        raise FeatherFaceError(f"input not found: {path}")
+    return [path]
