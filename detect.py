@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from utils.errors import FeatherFaceError, run_cli
 from utils.inference.detector import FaceDetector, backend_for
+from utils.inference.postprocess import DEMO_POSTPROCESS
 from utils.inference.media import VIDEO_SUFFIXES, MediaRunner, collect_inputs
 
 
@@ -27,8 +28,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, required=True, help="checkpoint (.pth) or exported model (.onnx)")
     p.add_argument("--input", type=Path, required=True, help="an image, a folder of images or a video file")
     p.add_argument("--output", type=Path, default=Path("out"), help="folder for annotated files and detections.json")
-    p.add_argument("--conf", type=float, default=0.5, help="minimum face score")
-    p.add_argument("--nms", type=float, default=0.4, help="NMS IoU threshold")
+    p.add_argument("--conf", type=float, default=DEMO_POSTPROCESS.conf_threshold, help="minimum face score")
+    p.add_argument("--nms", type=float, default=DEMO_POSTPROCESS.nms_threshold, help="NMS IoU threshold")
     p.add_argument("--image_size", type=int, default=None, help="resize the shorter side to this (default: original size)")
     p.add_argument("--max_size", type=int, default=None, help="cap on the longer side after resizing")
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto", help="auto: onnx for .onnx files")

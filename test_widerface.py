@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from utils.inference.detector import FaceDetector
+from utils.inference.postprocess import WIDER_POSTPROCESS
 from utils.errors import FeatherFaceError, run_cli
 from utils.evaluation.pr_plot import save_pr_curves
 from utils.evaluation.widerface_eval import SETTINGS
@@ -38,10 +39,11 @@ def add_inference_args(parser: argparse.ArgumentParser, require_dataset: bool = 
                              "RetinaFace: short side 1600, long side <= 2150)")
     parser.add_argument("--image_size", type=int, default=None, help="resize the short side to this many pixels")
     parser.add_argument("--max_size", type=int, default=None, help="cap on the long side after resizing (pixels)")
-    parser.add_argument("--confidence_threshold", type=float, default=0.02, help="drop scores below this")
-    parser.add_argument("--nms_threshold", type=float, default=0.4, help="NMS IoU threshold")
-    parser.add_argument("--top_k", type=int, default=5000, help="boxes kept before NMS")
-    parser.add_argument("--keep_top_k", type=int, default=750, help="boxes kept after NMS")
+    parser.add_argument("--confidence_threshold", type=float, default=WIDER_POSTPROCESS.conf_threshold,
+                        help="drop scores below this")
+    parser.add_argument("--nms_threshold", type=float, default=WIDER_POSTPROCESS.nms_threshold, help="NMS IoU threshold")
+    parser.add_argument("--top_k", type=int, default=WIDER_POSTPROCESS.top_k, help="boxes kept before NMS")
+    parser.add_argument("--keep_top_k", type=int, default=WIDER_POSTPROCESS.keep_top_k, help="boxes kept after NMS")
     parser.add_argument("--flip", action="store_true", help="test-time augmentation: add a mirrored pass")
     parser.add_argument("--scales", type=float, nargs="+", default=None,
                         help="test-time augmentation: resize factors on top of the base size, e.g. 0.5 1 1.5")

@@ -30,6 +30,7 @@ from torchvision.ops import nms
 from data.config import MEAN_BGR, ModelConfig
 from layers.box_utils import decode, decode_landmarks
 from utils.inference.detector import INPUT_NAME, ONNX_CONFIG_KEY, OUTPUT_NAMES
+from utils.inference.postprocess import DEMO_POSTPROCESS
 from utils.errors import FeatherFaceError
 
 PathLike = Union[str, Path]
@@ -46,10 +47,10 @@ MAX_SIDE = 8192
 
 
 # Post-processing defaults of the deployment package (RetinaFace demo values).
-DEFAULT_SCORE_THRESHOLD = 0.5
-DEFAULT_NMS_THRESHOLD = 0.4
-DEFAULT_TOP_K = 5000
-DEFAULT_KEEP_TOP_K = 750
+DEFAULT_SCORE_THRESHOLD = DEMO_POSTPROCESS.conf_threshold
+DEFAULT_NMS_THRESHOLD = DEMO_POSTPROCESS.nms_threshold
+DEFAULT_TOP_K = DEMO_POSTPROCESS.top_k
+DEFAULT_KEEP_TOP_K = DEMO_POSTPROCESS.keep_top_k
 
 
 

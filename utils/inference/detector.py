@@ -25,7 +25,7 @@ from data.preprocess import preprocess, resize_scale
 from layers.prior_box import prior_boxes_for
 from utils.errors import FeatherFaceError
 from utils.deploy.fuse import fuse_batchnorm
-from utils.inference.postprocess import detect_faces
+from utils.inference.postprocess import DEMO_POSTPROCESS, detect_faces
 
 ONNX_CONFIG_KEY = "featherface_model_config"  # metadata_props entry holding ModelConfig JSON
 INPUT_NAME = "input"  # names of the exported raw-output graph (utils/deploy/export.py writes them)
@@ -120,8 +120,10 @@ class FaceDetector:
     """
 
     def __init__(self, weights: Union[str, Path, nn.Module], backend: str = "torch", device: str = "cpu",
-                 image_size: Optional[int] = None, conf: float = 0.5, nms: float = 0.4, top_k: int = 5000,
-                 keep_top_k: int = 750, max_size: Optional[int] = None, threads: Optional[int] = None,
+                 image_size: Optional[int] = None, conf: float = DEMO_POSTPROCESS.conf_threshold,
+                 nms: float = DEMO_POSTPROCESS.nms_threshold, top_k: int = DEMO_POSTPROCESS.top_k,
+                 keep_top_k: int = DEMO_POSTPROCESS.keep_top_k, max_size: Optional[int] = None,
+                 threads: Optional[int] = None,
                  fuse: bool = True, channels_last: Optional[bool] = None) -> None:
         if backend == "auto":
             backend = backend_for(weights)

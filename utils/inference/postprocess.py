@@ -10,6 +10,7 @@ NMS at nms_threshold (torchvision), keep the first keep_top_k.
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from typing import List, Sequence, Tuple, Union
 
 import numpy as np
@@ -22,6 +23,23 @@ ArrayLike = Union[torch.Tensor, np.ndarray]
 Scale = Union[float, Tuple[float, float]]
 
 DETECTION_COLUMNS = 15
+
+
+@dataclass(frozen=True)
+class PostProcessConfig:
+    """Decode + NMS settings (RetinaFace's values): the one home of these numbers for the API,
+    the scripts and the ONNX detection graph."""
+
+    conf_threshold: float = 0.5  # scores <= this are dropped
+    nms_threshold: float = 0.4  # NMS IoU
+    top_k: int = 5000  # best-scoring boxes kept before NMS
+    keep_top_k: int = 750  # boxes kept after NMS
+
+
+# The demo, FaceDetector and the deployment package report confident faces only.
+DEMO_POSTPROCESS = PostProcessConfig()
+# The WIDER FACE protocol of the published test_widerface.py keeps low scores for the PR curve.
+WIDER_POSTPROCESS = PostProcessConfig(conf_threshold=0.02)
 
 
 def _as_tensor(x: ArrayLike, name: str, device: torch.device | None = None) -> torch.Tensor:
@@ -46,8 +64,9 @@ def _pixel_factors(image_size: Sequence[int], scale: Scale, device: torch.device
 @torch.no_grad()
 def detect_faces(loc: ArrayLike, conf: ArrayLike, landm: ArrayLike, priors: ArrayLike,
                  variances: Sequence[float], image_size: Sequence[int], scale: Scale = 1.0,
-                 conf_threshold: float = 0.02, nms_threshold: float = 0.4, top_k: int = 5000,
-                 keep_top_k: int = 750) -> np.ndarray:
+                 conf_threshold: float = WIDER_POSTPROCESS.conf_threshold,
+                 nms_threshold: float = WIDER_POSTPROCESS.nms_threshold, top_k: int = WIDER_POSTPROCESS.top_k,
+                 keep_top_k: int = WIDER_POSTPROCESS.keep_top_k) -> np.ndarray:
     """Detections of one image -> float32 (K, 15) [x1, y1, x2, y2, score, 10 landmark coords].
 
     loc (N, 4), conf (N, 2) softmaxed, landm (N, 10) (a leading batch dim of 1 is accepted);
@@ -85,8 +104,10 @@ def detect_faces(loc: ArrayLike, conf: ArrayLike, landm: ArrayLike, priors: Arra
 @torch.no_grad()
 def detect_faces_batch(loc: ArrayLike, conf: ArrayLike, landm: ArrayLike, priors: ArrayLike,
                        variances: Sequence[float], image_size: Sequence[int],
-                       scale: Union[Scale, Sequence[Scale]] = 1.0, conf_threshold: float = 0.02,
-                       nms_threshold: float = 0.4, top_k: int = 5000, keep_top_k: int = 750) -> List[np.ndarray]:
+                       scale: Union[Scale, Sequence[Scale]] = 1.0,
+                       conf_threshold: float = WIDER_POSTPROCESS.conf_threshold,
+                       nms_threshold: float = WIDER_POSTPROCESS.nms_threshold, top_k: int = WIDER_POSTPROCESS.top_k,
+                       keep_top_k: int = WIDER_POSTPROCESS.keep_top_k) -> List[np.ndarray]:
     """`detect_faces` for each image of loc (B, N, 4), conf (B, N, 2), landm (B, N, 10).
 
     `scale` is one float for the whole batch, or a sequence with one entry (a float or
