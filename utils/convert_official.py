@@ -3,7 +3,7 @@
 The published code (dohun-mat/FeatherFace, fokouarnaud/featherface-train) saves a plain
 state dict whose names follow its module layout (`bacbkbone_0_cbam.ChannelGate.mlp.1.weight`,
 `ssh1.conv3X3.0.offset_conv.weight`, `ClassHead.0.conv1x1.bias`, ...). The network is the same
-as ours (spec section 2, row A: 592,371 parameters), so conversion is a pure renaming: every
+as ours (docs/ARCHITECTURE.md §5: 592,371 parameters), so conversion is a pure renaming: every
 source key must match exactly one rule of `RULES`, every target key must be filled, every
 shape must agree. Nothing is guessed; anything else is a CheckpointError naming the keys.
 

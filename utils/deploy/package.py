@@ -54,7 +54,7 @@ def _fill_template(name: str, values: Dict[str, str]) -> str:
 
 
 def _runtime_note(config: ModelConfig, onnx_path: PathLike, opset: int) -> str:
-    """README paragraph on which runtimes can run the graphs (DeformConv is the risk, spec 4)."""
+    """README paragraph on which runtimes can run the graphs (DeformConv is the risk, docs/ARCHITECTURE.md §4)."""
     import onnxruntime
 
     if not config.deformable:
