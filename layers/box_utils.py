@@ -10,7 +10,7 @@ Encoding (RetinaFace / SSD, variances v = (0.1, 0.2)):
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torchvision.ops import box_iou
@@ -114,24 +114,32 @@ def assign_priors(threshold: float, truths: torch.Tensor, priors: torch.Tensor) 
 
 @torch.no_grad()
 def match(threshold: float, truths: torch.Tensor, priors: torch.Tensor, variances: Sequence[float],
-          labels: torch.Tensor, landmarks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Targets for the priors of one image.
+          labels: torch.Tensor, landmarks: torch.Tensor, weights: Optional[torch.Tensor] = None
+          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Targets for the priors of one image (what MultiBoxLoss trains on).
 
     truths (K, 4) corner form, priors (N, 4) centre form, labels (K,) (1 = face with
-    landmarks, -1 = face without), landmarks (K, 10). Returns (loc_t (N, 4), conf_t (N,)
-    long, landm_t (N, 10)): encoded box and landmarks of each prior's face (see
-    `assign_priors`) and its label, 0 for background priors.
+    landmarks, -1 = face without), landmarks (K, 10), optional per-face weights (K,).
+    Returns (loc_t (N, 4), conf_t (N,) long, landm_t (N, 10), weight_t (N,)): encoded box and
+    landmarks of each prior's face (see `assign_priors`) and its label, 0 for background
+    priors; weight_t is the face's weight on foreground priors and 1 elsewhere.
     """
     num_truths = truths.shape[0] if truths.ndim == 2 else -1
     if labels.shape != (num_truths,) or landmarks.shape != (num_truths, 2 * NUM_LANDMARK_POINTS):
         raise ValueError(f"match needs truths (K, 4), labels (K,) and landmarks (K, 10), got "
                          f"{tuple(truths.shape)}, {tuple(labels.shape)} and {tuple(landmarks.shape)}")
+    if weights is not None and weights.shape != (num_truths,):
+        raise ValueError(f"weights must be (K,) = ({num_truths},), got {tuple(weights.shape)}")
     truth_idx, foreground = assign_priors(threshold, truths, priors)
+    weight_t = priors.new_ones(priors.shape[0])
     if not bool(foreground.any()):  # no face, or every face ignored: all background
         zeros = priors.new_zeros
-        return zeros(priors.shape[0], 4), torch.zeros_like(truth_idx), zeros(priors.shape[0], 2 * NUM_LANDMARK_POINTS)
+        return (zeros(priors.shape[0], 4), torch.zeros_like(truth_idx), zeros(priors.shape[0], 2 * NUM_LANDMARK_POINTS),
+                weight_t)
     device, dtype = priors.device, priors.dtype
     conf_t = labels.to(device)[truth_idx].round().long() * foreground
     loc_t = encode(truths.to(device=device, dtype=dtype)[truth_idx], priors, variances)
     landm_t = encode_landmarks(landmarks.to(device=device, dtype=dtype)[truth_idx], priors, variances)
-    return loc_t, conf_t, landm_t
+    if weights is not None:
+        weight_t = torch.where(foreground, weights.to(device=device, dtype=dtype)[truth_idx], weight_t)
+    return loc_t, conf_t, landm_t, weight_t

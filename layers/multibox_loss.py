@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.box_utils import assign_priors, encode, encode_landmarks
+from layers.box_utils import match
 
 TARGET_COLUMNS = 15  # 4 box + 10 landmark + label
 WEIGHTED_TARGET_COLUMNS = 16  # ... + per-box weight
@@ -56,15 +56,9 @@ class MultiBoxLoss(nn.Module):
                 raise ValueError(f"targets[{i}] must be (K, {TARGET_COLUMNS}) [box, landmarks, label] or "
                                  f"(K, {WEIGHTED_TARGET_COLUMNS}) [..., weight], got {tuple(target.shape)}")
             target = target.to(device=device, dtype=dtype)
-            truth_idx, foreground = assign_priors(self.overlap_thresh, target[:, :4], priors)
-            if not bool(foreground.any()):
-                continue
-            matched = target[truth_idx]  # (N, 15 or 16)
-            loc_t[i] = encode(matched[:, :4], priors, self.variances)
-            landm_t[i] = encode_landmarks(matched[:, 4:14], priors, self.variances)
-            conf_t[i] = matched[:, 14].round().long() * foreground
-            if target.shape[1] == WEIGHTED_TARGET_COLUMNS:
-                weight_t[i] = torch.where(foreground, matched[:, 15], weight_t[i])
+            weights = target[:, 15] if target.shape[1] == WEIGHTED_TARGET_COLUMNS else None
+            loc_t[i], conf_t[i], landm_t[i], weight_t[i] = match(
+                self.overlap_thresh, target[:, :4], priors, self.variances, target[:, 14], target[:, 4:14], weights)
         return loc_t, conf_t, landm_t, weight_t
 
     def forward(self, predictions: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], priors: torch.Tensor,

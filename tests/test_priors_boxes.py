@@ -205,7 +205,7 @@ LANDMARKS = torch.tensor([
 
 
 def test_match_golden():
-    loc_t, conf_t, landm_t = match(0.35, TRUTHS, PRIORS, VAR, LABELS, LANDMARKS)
+    loc_t, conf_t, landm_t, _ = match(0.35, TRUTHS, PRIORS, VAR, LABELS, LANDMARKS)
     assert conf_t.dtype == torch.long
     assert conf_t.tolist() == [1, 1, 0, -1, 0, 0]
     torch.testing.assert_close(loc_t[0], torch.zeros(4))
@@ -220,7 +220,7 @@ def test_match_forced_best_prior_beats_higher_iou_face():
     priors = torch.tensor([_cxcywh(0, 0, 0.3, 0.3), _cxcywh(0, 0, 0.4, 0.4)])
     truths = torch.tensor([[0, 0, 0.4, 0.4], [0, 0, 0.2, 0.2]])
     # prior 0: IoU 0.5625 with face 0 but 0.444 with face 1, whose best prior it is
-    _, conf_t, _ = match(0.35, truths, priors, VAR, torch.tensor([1.0, -1.0]), torch.zeros(2, 10))
+    _, conf_t, _, _ = match(0.35, truths, priors, VAR, torch.tensor([1.0, -1.0]), torch.zeros(2, 10))
     assert conf_t.tolist() == [-1, 1]
     idx, fg = assign_priors(0.35, truths, priors)
     assert idx.tolist() == [1, 0] and fg.tolist() == [True, True]
@@ -234,10 +234,10 @@ def test_match_shared_best_prior_later_face_wins():
 
 
 def test_match_all_faces_ignored_or_absent():
-    loc_t, conf_t, landm_t = match(0.35, TRUTHS[2:], PRIORS, VAR, LABELS[2:], LANDMARKS[2:])
+    loc_t, conf_t, landm_t, _ = match(0.35, TRUTHS[2:], PRIORS, VAR, LABELS[2:], LANDMARKS[2:])
     assert conf_t.tolist() == [0] * 6
     assert not loc_t.any() and not landm_t.any()
-    loc_t, conf_t, landm_t = match(0.35, torch.zeros(0, 4), PRIORS, VAR, torch.zeros(0), torch.zeros(0, 10))
+    loc_t, conf_t, landm_t, _ = match(0.35, torch.zeros(0, 4), PRIORS, VAR, torch.zeros(0), torch.zeros(0, 10))
     assert conf_t.tolist() == [0] * 6 and loc_t.shape == (6, 4) and landm_t.shape == (6, 10)
     with pytest.raises(ValueError, match="labels"):
         match(0.35, TRUTHS, PRIORS, VAR, LABELS[:2], LANDMARKS)
@@ -245,5 +245,19 @@ def test_match_all_faces_ignored_or_absent():
 
 def test_match_threshold_is_respected():
     # raising the threshold above prior 1's IoU (0.391) turns it into background
-    _, conf_t, _ = match(0.4, TRUTHS, PRIORS, VAR, LABELS, LANDMARKS)
+    _, conf_t, _, _ = match(0.4, TRUTHS, PRIORS, VAR, LABELS, LANDMARKS)
     assert conf_t.tolist() == [1, 0, 0, -1, 0, 0]
+
+
+def test_match_weights_apply_to_foreground_priors_only():
+    weights = torch.linspace(0.25, 1.0, TRUTHS.shape[0])
+    loc_t, conf_t, landm_t, weight_t = match(0.35, TRUTHS, PRIORS, VAR, LABELS, LANDMARKS, weights)
+    plain = match(0.35, TRUTHS, PRIORS, VAR, LABELS, LANDMARKS)
+    for a, b in zip((loc_t, conf_t, landm_t), plain[:3]):
+        assert torch.equal(a, b)
+    assert torch.all(plain[3] == 1)
+    fg = conf_t != 0
+    assert torch.all(weight_t[~fg] == 1)
+    assert set(weight_t[fg].tolist()) <= set(weights.tolist()) and weight_t[fg].min() < 1
+    with pytest.raises(ValueError):
+        match(0.35, TRUTHS, PRIORS, VAR, LABELS, LANDMARKS, weights[:1])
