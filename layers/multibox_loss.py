@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.config import ModelConfig
 from layers.box_utils import match
 
 TARGET_COLUMNS = 15  # 4 box + 10 landmark + label
@@ -26,7 +27,7 @@ class MultiBoxLoss(nn.Module):
     """Matches faces to priors and scores the three head outputs (RetinaFace recipe)."""
 
     def __init__(self, num_classes: int = 2, overlap_thresh: float = 0.35, neg_pos_ratio: int = 7,
-                 variances: Sequence[float] = (0.1, 0.2), loc_weight: float = 2.0,
+                 variances: Sequence[float] = ModelConfig.variance, loc_weight: float = 2.0,
                  landm_weight: float = 1.0) -> None:
         super().__init__()
         if num_classes != 2:

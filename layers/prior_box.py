@@ -16,8 +16,9 @@ import torch
 
 from data.config import ModelConfig
 
-DEFAULT_MIN_SIZES: Tuple[Tuple[int, ...], ...] = ((16, 32), (64, 128), (256, 512))
-DEFAULT_STEPS: Tuple[int, ...] = (8, 16, 32)
+# Defaults are the model config's (the one home of anchor settings).
+DEFAULT_MIN_SIZES: Tuple[Tuple[int, ...], ...] = ModelConfig.min_sizes
+DEFAULT_STEPS: Tuple[int, ...] = ModelConfig.steps
 
 
 def _check_image_size(image_size: Sequence[int]) -> Tuple[int, int]:

@@ -13,11 +13,8 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
+from data.augment import LANDMARK_FLIP_ORDER
 from utils.inference.postprocess import DETECTION_COLUMNS
-
-# Landmark order is left eye, right eye, nose, mouth left, mouth right (image left/right), so
-# a mirror image swaps the eyes and the mouth corners.
-_MIRRORED_LANDMARKS = (1, 0, 2, 4, 3)
 
 
 def mirror_detections(detections: np.ndarray, width: int) -> np.ndarray:
@@ -30,7 +27,7 @@ def mirror_detections(detections: np.ndarray, width: int) -> np.ndarray:
     out = detections.copy()
     out[:, 0] = width - detections[:, 2]
     out[:, 2] = width - detections[:, 0]
-    points = detections[:, 5:].reshape(-1, 5, 2)[:, _MIRRORED_LANDMARKS].copy()
+    points = detections[:, 5:].reshape(-1, 5, 2)[:, LANDMARK_FLIP_ORDER].copy()
     points[:, :, 0] = width - points[:, :, 0]
     out[:, 5:] = points.reshape(-1, 10)
     return out
