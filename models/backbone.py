@@ -2,12 +2,11 @@
 
 Spec section 2.1: 213,072 parameters; outputs C3/C4/C5 with 64/128/256 channels at strides
 8/16/32. Module indices match the commonly distributed ImageNet checkpoint
-(`module.stage1.0.0.weight`, ...), so its weights load by name.
+(`module.stage1.0.0.weight`, ...), so its weights load by name (`utils.checkpoint.load_pretrained_backbone`).
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Tuple, Union
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -53,40 +52,3 @@ class MobileNetV1(nn.Module):
         c4 = self.stage2(c3)
         c5 = self.stage3(c4)
         return c3, c4, c5
-
-
-class CheckpointMismatchError(ValueError):
-    """A weights file does not fit the model it is loaded into."""
-
-
-def load_pretrained_backbone(backbone: MobileNetV1, path: Union[str, Path]) -> None:
-    """Load ImageNet weights from the commonly distributed `mobilenetV1X0.25_pretrain.tar`.
-
-    Accepts a dict with `state_dict` (keys prefixed `module.`) or a plain state dict. The
-    classifier (`fc.*`) is dropped. Missing or unexpected keys raise CheckpointMismatchError
-    naming them.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained backbone not found: {path}")
-    try:
-        # The file is a legacy pickle that also stores the optimizer; tensors only otherwise.
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
-        raise CheckpointMismatchError(f"cannot read pretrained backbone {path}: {exc}") from exc
-    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointMismatchError(f"{path} holds no state dict")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    own = backbone.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong_shape:
-        raise CheckpointMismatchError(
-            f"{path} is not a MobileNetV1-0.25 backbone: missing keys {missing[:8]}"
-            f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-            f"{'...' if len(unexpected) > 8 else ''}, wrong shapes {wrong_shape[:8]}"
-        )
-    backbone.load_state_dict(state)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -52,15 +52,20 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
         raise
 
 
-def save_checkpoint(path: PathLike, model: nn.Module, **state: Any) -> None:
-    """Save model weights, its config and any run state (optimizer=..., epoch=..., ...)."""
+def checkpoint_blob(model: nn.Module, **state: Any) -> Dict[str, Any]:
+    """The checkpoint dict of a model (its weights and config) plus any run state."""
     net = unwrap(model)
     config = getattr(net, "config", None)
     if not isinstance(config, ModelConfig):
         raise TypeError("save_checkpoint expects a FeatherFace model (with a ModelConfig)")
     blob = {"format": FORMAT, "version": VERSION, "model_config": config.to_dict(), "model": net.state_dict()}
     blob.update(state)
-    atomic_torch_save(blob, path)
+    return blob
+
+
+def save_checkpoint(path: PathLike, model: nn.Module, **state: Any) -> None:
+    """Save model weights, its config and any run state (optimizer=..., epoch=..., ...)."""
+    atomic_torch_save(checkpoint_blob(model, **state), path)
 
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
@@ -84,20 +89,62 @@ def config_of(blob: Dict[str, Any]) -> ModelConfig:
     return ModelConfig.from_dict(blob["model_config"])
 
 
-def load_state_strict(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict that reports missing / unexpected / mis-shaped keys by name."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        def show(keys):
-            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "") if keys else "none"
+def show_keys(keys: Sequence[str], limit: int = 6) -> str:
+    """'a, b, c (+N more)' for error messages; 'none' for no keys."""
+    if not keys:
+        return "none"
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+class StateMismatch(NamedTuple):
+    """How a state dict fails to fit a model's, each list in the model's key order."""
+
+    missing: List[str]  # model keys the state does not have
+    unexpected: List[str]  # state keys the model does not have
+    wrong_shape: List[str]  # keys in both with different shapes
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.wrong_shape)
+
+
+def state_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> StateMismatch:
+    """Compare a state dict with the model's own `state_dict()` by key and shape."""
+    return StateMismatch([k for k in own if k not in state], [k for k in state if k not in own],
+                         [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)])
+
+
+def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                      what: str = "this model") -> None:
+    """The one strict load_state_dict: reports missing / unexpected / mis-shaped keys by name."""
+    mismatch = state_mismatch(model.state_dict(), state)
+    if mismatch:
         raise CheckpointError(
-            f"{source} does not fit this model: missing keys: {show(missing)}; "
-            f"unexpected keys: {show(unexpected)}; wrong shapes: {show(wrong)}"
+            f"{source} does not fit {what}: missing keys: {show_keys(mismatch.missing)}; "
+            f"unexpected keys: {show_keys(mismatch.unexpected)}; wrong shapes: {show_keys(mismatch.wrong_shape)}"
         )
     model.load_state_dict(state)
+
+
+def load_pretrained_backbone(backbone: nn.Module, path: PathLike) -> None:
+    """Load ImageNet weights from the commonly distributed `mobilenetV1X0.25_pretrain.tar`.
+
+    Accepts a dict with `state_dict` (keys prefixed `module.`) or a plain state dict. The
+    classifier (`fc.*`) is dropped; anything else that does not fit raises CheckpointError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"pretrained backbone not found: {path}")
+    try:
+        # The file is a legacy pickle that also stores the optimizer; tensors only otherwise.
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
+        raise CheckpointError(f"cannot read pretrained backbone {path}: {exc}") from exc
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no state dict")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    load_state_strict(backbone, state, str(path), "a MobileNetV1-0.25 backbone")
 
 
 def load_model(

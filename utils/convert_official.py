@@ -15,10 +15,11 @@ import argparse
 import hashlib
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from utils.checkpoint import load_state_strict, save_checkpoint, show_keys, state_mismatch
 from utils.errors import CheckpointError, run_cli
 
 PathLike = Union[str, Path]
@@ -118,12 +119,6 @@ def _strip_wrappers(state: Dict[str, torch.Tensor], source: str) -> Dict[str, to
     return out
 
 
-def _show(keys: Sequence[str], limit: int = 8) -> str:
-    if not keys:
-        return "none"
-    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def convert_state_dict(official: Dict[str, torch.Tensor], target: Optional[Dict[str, torch.Tensor]] = None,
                        source: str = "state dict") -> Dict[str, torch.Tensor]:
     """Rename a published FeatherFace state dict to our `v1_original` names.
@@ -137,7 +132,7 @@ def convert_state_dict(official: Dict[str, torch.Tensor], target: Optional[Dict[
     state = _strip_wrappers(official, source)
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise CheckpointError(f"{source} is not a state dict: non-tensor entries {_show(not_tensors)}")
+        raise CheckpointError(f"{source} is not a state dict: non-tensor entries {show_keys(not_tensors, 8)}")
 
     converted: Dict[str, torch.Tensor] = {}
     origin: Dict[str, str] = {}
@@ -157,18 +152,17 @@ def convert_state_dict(official: Dict[str, torch.Tensor], target: Optional[Dict[
         target = build_model(MODEL_NAME).state_dict()
     # Reported in network order (file order for keys without a rule), so the first layer that
     # does not fit comes first.
-    missing = [k for k in target if k not in converted]
-    wrong = [
-        f"{origin[k]} {tuple(converted[k].shape)} (expected {tuple(target[k].shape)} for {k})"
-        for k in target if k in converted and converted[k].shape != target[k].shape
-    ]
-    unexpected = [origin[k] for k in converted if k not in target]
+    mismatch = state_mismatch(target, converted)
+    missing = mismatch.missing
+    wrong = [f"{origin[k]} {tuple(converted[k].shape)} (expected {tuple(target[k].shape)} for {k})"
+             for k in mismatch.wrong_shape]
+    unexpected = [origin[k] for k in mismatch.unexpected]
     if unknown or missing or wrong or unexpected:
         raise CheckpointError(
             f"{source} is not a published FeatherFace {MODEL_NAME} checkpoint (C=64, 6 CBAM, conv shuffle, "
-            f"deformable SSH): keys with no conversion rule: {_show(unknown)}; "
-            f"our keys left unfilled: {_show(missing)}; wrong shapes: {_show(wrong, 4)}; "
-            f"keys our model does not have: {_show(unexpected)}"
+            f"deformable SSH): keys with no conversion rule: {show_keys(unknown, 8)}; "
+            f"our keys left unfilled: {show_keys(missing, 8)}; wrong shapes: {show_keys(wrong, 4)}; "
+            f"keys our model does not have: {show_keys(unexpected, 8)}"
         )
     return {k: converted[k] for k in target}  # our key order
 
@@ -204,7 +198,6 @@ def _sha256(path: Path) -> str:
 def convert_file(src: PathLike, dst: PathLike) -> torch.nn.Module:
     """Convert a published checkpoint into one of our full checkpoints; returns the loaded model (eval)."""
     from models import build_model
-    from utils.checkpoint import load_state_strict, save_checkpoint
 
     src, dst = Path(src), Path(dst)
     if dst.exists() and dst.resolve() == src.resolve():

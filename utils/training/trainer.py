@@ -31,15 +31,20 @@ from data.wider_face import WiderFaceDataset, detection_collate
 from layers.gradient_clipper import GradientClipper
 from layers.multibox_loss import MultiBoxLoss
 from layers.prior_box import prior_boxes_for
-from models.backbone import load_pretrained_backbone
-from utils.checkpoint import load_checkpoint, load_state_strict, save_checkpoint, unwrap
+from layers.training_monitor import TrainingMonitor
+from utils.checkpoint import load_checkpoint, load_pretrained_backbone, load_state_strict, save_checkpoint, unwrap
+from utils.checkpoint import checkpoint_blob
 from utils.errors import CheckpointError, FeatherFaceError
+from utils.training import distributed as ddp
+from utils.training.resume import (CheckpointKeeper, apply_optimizer_options, capture_rng, check_resume,
+                                   cpu_copy, dataset_fingerprint, restore_rng, rng_of_rank)
 
 DEFAULT_BACKBONE = "weights/mobilenetV1X0.25_pretrain.tar"
 
 
 class NonFiniteLossError(FeatherFaceError):
-    """The loss became NaN/inf; the run stops and the last good checkpoint is kept."""
+    """The loss became NaN/inf on some rank; every rank stops, and no checkpoint holding weights
+    updated after the last finite loss is written (utils.training.resume.CheckpointKeeper)."""
 
 
 class BadDatasetError(FeatherFaceError):
@@ -136,7 +141,11 @@ class EpochSampler(Sampler[int]):
 
 def build_train_set(args: argparse.Namespace, log) -> WiderFaceDataset:
     """Pre-flight check of the training labels and images, then the dataset."""
-    report = check_dataset(args.training_dataset, args.image_root)
+    # Rank 0 checks (decoding in --num_workers processes, cached per image) and tells the others.
+    report = ddp.broadcast_object(
+        check_dataset(args.training_dataset, args.image_root, num_workers=max(args.num_workers, 1))
+        if ddp.get_rank() == 0 else None)
+    log(report.timing())
     if report.problems:
         for problem in report.problems[:20]:
             log(f"  {problem}")
@@ -188,6 +197,7 @@ class RunState:
     best_metric: float = math.inf  # best validation loss (or training loss without val)
     history: List[Dict[str, float]] = field(default_factory=list)
     stop_reason: str = ""
+    skipped_steps: int = 0  # optimizer steps skipped because the gradients were not finite
 
 
 class Trainer:
@@ -206,6 +216,10 @@ class Trainer:
             self.log("--amp needs CUDA; training in float32")
 
         self.dataset = build_train_set(args, self.log)
+        # What the saved data position depends on besides the flags (utils.training.resume).
+        self.run_identity = {"world_size": self.world, "label_file": str(args.training_dataset),
+                             "num_images": len(self.dataset),
+                             "dataset": dataset_fingerprint([r.image for r in self.dataset.records])}
         self.train_set = SeededTrainSet(self.dataset, args.image_size, args.seed, not args.no_augment)
         self.sampler = EpochSampler(len(self.dataset), args.seed, self.rank, self.world)
         self.iters_per_epoch = math.ceil(len(self.sampler.indices()) / args.batch_size)
@@ -230,6 +244,7 @@ class Trainer:
         self.criterion = MultiBoxLoss(2, 0.35, args.neg_pos_ratio, config.variance, args.loc_weight)
         self.state = RunState()
         self.save_dir = Path(args.save_folder) / args.name
+        self.keeper = CheckpointKeeper(self.save_dir, write=self.is_main)
         self.writer = None
         if args.resume:
             self._resume(args.resume)
@@ -241,6 +256,9 @@ class Trainer:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             args_json = json.dumps(vars(args), indent=2, default=str)
             (self.log_dir / "args.json").write_text(args_json)
+        # Epoch time (training + validation), ETA and peak memory to the log and TensorBoard;
+        # per-step scalars are written by train_one_epoch.
+        self.monitor = TrainingMonitor(args.epochs, self.writer, self.log, step_scalars=False)
 
     # ------------------------------------------------------------------ setup
     def _setup_device(self, name: str) -> torch.device:
@@ -277,17 +295,32 @@ class Trainer:
     def load_extra_state(self, blob: Dict[str, Any]) -> None:
         pass
 
+    def snapshot(self) -> Optional[Dict[str, Any]]:
+        """The full training state as a checkpoint dict copied to the CPU, on rank 0 (None on the
+        others). Collective: every rank contributes its RNG states."""
+        rng = ddp.all_gather_object(capture_rng(self.device))
+        if not self.is_main:
+            return None
+        return cpu_copy(checkpoint_blob(
+            self.model, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(), run_state=vars(self.state), args=vars(self.args), rng=rng,
+            run=self.run_identity, **self.extra_state()))
+
+    def position(self) -> str:
+        state = self.state
+        if state.epoch_iter:
+            return f"epoch {state.epoch + 1}, batch {state.epoch_iter} of {self.iters_per_epoch}, iteration {state.iteration}"
+        return f"after epoch {state.epoch}, iteration {state.iteration}"
+
     def save(self, name: str) -> Path:
-        path = self.save_dir / name
-        if self.is_main:
-            save_checkpoint(
-                path, self.model,
-                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                scaler=self.scaler.state_dict(), run_state=vars(self.state).copy(), args=vars(self.args),
-                rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-                **self.extra_state(),
-            )
-        return path
+        """Write the current state now (collective; rank 0 writes)."""
+        return self.keeper.write_now(self.snapshot(), [name], self.position())
+
+    def checkpoint(self, names: List[str], final: bool) -> None:
+        """Epoch-end checkpoints: written once the next step has given a finite loss with these
+        weights, or at once when no step follows (collective)."""
+        blob = self.snapshot()
+        (self.keeper.write_now if final else self.keeper.stage)(blob, names, self.position())
 
     def _resume(self, path: str) -> None:
         blob = load_checkpoint(path)
@@ -299,15 +332,34 @@ class Trainer:
                 f"{path} was trained as '{blob['model_config'].get('name')}', this run builds '{net.config.name}'"
             )
         load_state_strict(net, blob["model"], path)
+        saved = RunState(**{**blob["run_state"], "stop_reason": ""})
+        self.state, real = saved, self.state
+        position = self.position()
+        self.state = real
+        changes = check_resume(path, blob.get("args", {}), blob.get("run", {}), vars(self.args),
+                               self.run_identity, position)  # refuses what would move the position
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
-        self.scaler.load_state_dict(blob["scaler"])
-        self.state = RunState(**{**blob["run_state"], "stop_reason": ""})
-        torch.set_rng_state(blob["rng"]["torch"])
-        np.random.set_state(blob["rng"]["numpy"])
-        random.setstate(blob["rng"]["python"])
+        if blob["scaler"] or not self.amp:
+            self.scaler.load_state_dict(blob["scaler"])
+        else:
+            changes.append("the AMP loss scale starts afresh (the checkpoint was trained without --amp)")
+        self.state = saved
+        # The command line's optimizer options, and the LR its schedule gives at this iteration.
+        apply_optimizer_options(self.optimizer, vars(self.args))
+        self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        factor = lr_factor(self.args, self.state.iteration, self.iters_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        note = restore_rng(rng_of_rank(blob["rng"], self.rank), self.device)
+        if note:
+            changes.append(note)
         self.load_extra_state(blob)
-        self.log(f"resumed from {path}: epoch {self.state.epoch + 1}, iteration {self.state.iteration}")
+        self.keeper.resumed_from(path, position)
+        self.log(f"resumed from {path}: {position}")
+        if changes:
+            self.log("changed since the checkpoint: " + "; ".join(changes))
 
     # ------------------------------------------------------------------ steps
     def compute_loss(self, images: torch.Tensor, targets: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -322,12 +374,14 @@ class Trainer:
         with torch.autocast(self.device.type, enabled=self.amp):
             parts = self.compute_loss(images, targets)
         loss = parts["loss"]
-        if not torch.isfinite(loss):
+        if ddp.any_rank(not bool(torch.isfinite(loss.detach()))):  # every rank stops together
+            self.keeper.discard()
             raise NonFiniteLossError(
-                f"non-finite loss ({float(loss.detach())}) at epoch {self.state.epoch + 1}, iteration "
-                f"{self.state.iteration}; parts {as_floats(parts)}. "
-                f"The last good checkpoint in {self.save_dir} is kept; try a lower --lr or --gradient_clip 1"
+                f"non-finite loss at epoch {self.state.epoch + 1}, iteration {self.state.iteration + 1} "
+                f"(rank {self.rank}: loss {float(loss.detach())}, parts {as_floats(parts)}); "
+                f"{self.keeper.describe_good()} with a lower --lr (applied on resume) or --gradient_clip 1"
             )
+        self.keeper.step_was_finite()  # these weights gave a finite loss: their checkpoint may be written
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -335,7 +389,13 @@ class Trainer:
             grad_norm = self.clipper(self.model.parameters())
         else:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf")))
-        self.scaler.step(self.optimizer)
+        if math.isfinite(grad_norm):  # DDP averaged the gradients: every rank takes the same branch
+            self.scaler.step(self.optimizer)
+        else:
+            self.state.skipped_steps += 1
+            scale = f"; AMP loss scale now {self.scaler.get_scale() / 2:g}" if self.amp else ""
+            self.log(f"warning: iteration {self.state.iteration + 1}: gradient norm {grad_norm}, optimizer step "
+                     f"skipped ({self.state.skipped_steps} so far{scale})")
         self.scaler.update()
         self.scheduler.step()
         out = as_floats(parts)
@@ -364,6 +424,14 @@ class Trainer:
         net.train(True)
         return {f"val_{k}": v / count for k, v in totals.items()}
 
+    def validate_once(self) -> Dict[str, float]:
+        """`validate` on rank 0 only; the other ranks wait and receive its numbers."""
+        start = time.perf_counter()
+        metrics = self.validate() if self.is_main else None
+        if metrics is not None:
+            metrics["val_time_s"] = time.perf_counter() - start
+        return ddp.broadcast_object(metrics)
+
     # ------------------------------------------------------------------ loop
     def train_one_epoch(self) -> Dict[str, float]:
         args, state = self.args, self.state
@@ -378,6 +446,7 @@ class Trainer:
                             generator=torch.Generator().manual_seed(args.seed + state.epoch))
         self.model.train()
         sums: Dict[str, float] = {}
+        counts: Dict[str, int] = {}
         steps, images_seen, start = 0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{args.epochs}", initial=state.epoch_iter,
                    total=self.iters_per_epoch, disable=args.quiet or not self.is_main, dynamic_ncols=True)
@@ -386,9 +455,11 @@ class Trainer:
             state.iteration += 1
             state.epoch_iter += 1
             steps += 1
-            images_seen += len(targets) * self.world
+            images_seen += len(targets)
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
+                finite = math.isfinite(v)  # a skipped step's gradient norm is not averaged in
+                sums[k] = sums.get(k, 0.0) + (v if finite else 0.0)
+                counts[k] = counts.get(k, 0) + finite
             if self.writer is not None:
                 for k, v in parts.items():
                     self.writer.add_scalar(f"train/{k}", v, state.iteration)
@@ -397,10 +468,14 @@ class Trainer:
             bar.set_postfix(loss=f"{parts['loss']:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.1e}")
             if args.max_iters and state.iteration >= args.max_iters:
                 break
-        elapsed = time.perf_counter() - start
-        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
-        metrics["images_per_s"] = images_seen / max(elapsed, 1e-9)
-        metrics["epoch_time_s"] = elapsed
+        elapsed = ddp.reduce_sums({"s": time.perf_counter() - start}, op="max")["s"]
+        # Means over every rank's steps, identical on all ranks, so that decisions agree.
+        totals = ddp.reduce_sums({**sums, **{f"{k}/count": n for k, n in counts.items()}, "/images": images_seen})
+        metrics = {k: totals[k] / totals[f"{k}/count"] if totals[f"{k}/count"] else math.nan for k in sums}
+        metrics["images_per_s"] = totals["/images"] / max(elapsed, 1e-9)
+        metrics["epoch_time_s"] = elapsed  # the training loop only (validation: val_time_s)
+        if self.state.skipped_steps:
+            metrics["skipped_steps"] = float(self.state.skipped_steps)
         return metrics
 
     def on_step(self, parts: Dict[str, float]) -> None:
@@ -418,33 +493,32 @@ class Trainer:
                  f"checkpoints in {self.save_dir}" + (f", TensorBoard in {self.log_dir}" if self.is_main else ""))
         try:
             while state.epoch < args.epochs:
+                self.monitor.start_epoch()
                 metrics = self.train_one_epoch()
                 if args.max_iters and state.iteration >= args.max_iters and state.epoch_iter < self.iters_per_epoch:
                     state.stop_reason = f"--max_iters {args.max_iters} reached"
                     self.save("last.pth")
                     break
                 if self.val_set is not None and (state.epoch + 1) % args.val_interval == 0:
-                    metrics.update(self.validate())
+                    metrics.update(self.validate_once())
                 reason = self.on_epoch_end(metrics)
                 score = metrics.get("val_loss", metrics["loss"])
                 improved = score < state.best_metric
                 if improved:
                     state.best_metric = score
+                reason, improved = self.share_decisions(metrics, reason, improved)
                 state.history.append({"epoch": state.epoch + 1, **metrics})
-                if self.writer is not None:
-                    for k, v in metrics.items():
-                        self.writer.add_scalar(f"epoch/{k}", v, state.epoch + 1)
-                self.log(f"epoch {state.epoch + 1}/{args.epochs}: " + ", ".join(
-                    f"{k} {v:.4g}" for k, v in metrics.items()))
+                if self.is_main:  # one line and TensorBoard: metrics, epoch time, ETA, peak memory
+                    self.monitor.end_epoch(state.epoch, metrics, step=state.epoch + 1)
                 state.epoch += 1
                 state.epoch_iter = 0
                 if reason:
                     state.stop_reason = reason
-                self.save("last.pth")
-                if improved:
-                    self.save("best.pth")
+                names = ["last.pth"] + (["best.pth"] if improved else [])
                 if args.save_interval and state.epoch % args.save_interval == 0:
-                    self.save(f"epoch_{state.epoch}.pth")
+                    names.append(f"epoch_{state.epoch}.pth")
+                self.checkpoint(names, final=bool(reason) or state.epoch >= args.epochs
+                                or bool(args.max_iters and state.iteration >= args.max_iters))
                 if reason:
                     self.log(f"stopping early: {reason}")
                     break
@@ -453,13 +527,33 @@ class Trainer:
                     break
             else:
                 state.stop_reason = state.stop_reason or f"finished {args.epochs} epochs"
-            if state.stop_reason and self.is_main:
+            if state.stop_reason:
                 self.save("last.pth")
+        except NonFiniteLossError:
+            raise  # the staged checkpoint holds the weights that gave it: not written
+        except BaseException:
+            self.keeper.flush()  # interrupted otherwise: keep the staged epoch
+            raise
         finally:
             if self.writer is not None:
                 self.writer.close()
-        self.log(f"done: {state.stop_reason}; last checkpoint {self.save_dir / 'last.pth'}")
+        skipped = f"; {state.skipped_steps} step(s) skipped for non-finite gradients" if state.skipped_steps else ""
+        self.log(f"done: {state.stop_reason}{skipped}; last checkpoint {self.save_dir / 'last.pth'}")
         return state
+
+    def share_decisions(self, metrics: Dict[str, float], reason: Optional[str], improved: bool):
+        """Rank 0's epoch-end decisions on every rank: its metrics, stop reason, best metric and
+        subclass state (alpha schedule, early stopping). Taken once, so ranks cannot disagree."""
+        if not self.distributed:
+            return reason, improved
+        shared = ddp.broadcast_object(
+            (metrics, reason, improved, self.state.best_metric, self.extra_state()) if self.is_main else None)
+        if not self.is_main:
+            metrics.clear()
+            metrics.update(shared[0])
+            self.state.best_metric = shared[3]
+            self.load_extra_state(shared[4])
+        return shared[1], shared[2]
 
 
 def load_backbone_if_any(model: nn.Module, path: Optional[str], log) -> None:
