@@ -12,6 +12,11 @@ Two label layouts are read, chosen automatically from the first non-blank line:
 * Official ``wider_face_train_bbx_gt.txt``: an image path line, a face-count line, then
   ``x y w h blur expression illumination invalid occlusion pose`` per face (4 numbers
   are accepted too). A count of 0 is followed by one line of zeros in the official files.
+  The ``invalid`` flag is kept per face (``LabelRecord.invalid``); the dataset leaves such
+  faces out of training unless ``keep_invalid=True``.
+
+A box with zero or negative width or height (the official files have a few) is dropped with
+a warning (``LabelRecord.dropped``) and its image kept. Zero-face entries are valid negatives.
 
 Landmark order: left eye, right eye, nose, left mouth corner, right mouth corner (image
 left/right). Image paths are relative to ``<label dir>/images`` (RetinaFace convention)
@@ -20,11 +25,13 @@ but exists relative to the label file's own folder (``# images/x.jpg`` style) is
 
 Problems are collected per image with the label-file line they come from, so
 ``data.check`` can list all of them and the dataset can refuse (or skip) exactly the
-images that have them.
+images that have them. A problem confined to one face line (malformed or non-numeric) has
+``Problem.face`` set: skipping it loses that face, not the image.
 """
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -62,11 +69,16 @@ class LabelFormatError(ValueError):
 
 
 class Problem(NamedTuple):
-    """One problem found in a label file; ``line`` is the label-file line (0 = whole file)."""
+    """One problem found in a label file; ``line`` is the label-file line (0 = whole file).
+
+    ``face`` is True when only that face line is unusable (the face is already left out of
+    the record); otherwise the whole image is.
+    """
 
     file: str
     line: int
     message: str
+    face: bool = False
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.message}"
@@ -82,7 +94,20 @@ class LabelRecord:
     boxes: np.ndarray  # (K, 4) float32 x1, y1, x2, y2 in pixels
     landmarks: np.ndarray  # (K, 10) float32 pixels, all -1 for a face without landmarks
     face_lines: np.ndarray  # (K,) int64 label-file line of each face
+    invalid: np.ndarray  # (K,) bool, the official format's "invalid" flag (always False for label.txt)
     problems: List[Problem] = field(default_factory=list)
+    dropped: List[Problem] = field(default_factory=list)  # warnings: degenerate boxes left out
+
+    @property
+    def image_problems(self) -> List[Problem]:
+        """Problems that make the whole image unusable (not confined to one face line)."""
+        return [p for p in self.problems if not p.face]
+
+    def without_invalid(self) -> "LabelRecord":
+        """This record without its invalid-flagged faces."""
+        keep = ~self.invalid
+        return dataclasses.replace(self, boxes=self.boxes[keep], landmarks=self.landmarks[keep],
+                                   face_lines=self.face_lines[keep], invalid=self.invalid[keep])
 
 
 @dataclass
@@ -99,6 +124,18 @@ class LabelFile:
         for record in self.records:
             found.extend(record.problems)
         return sorted(found, key=lambda p: p.line)
+
+    def dropped_boxes(self) -> List[Problem]:
+        """Warnings for the degenerate boxes left out while parsing, in file order."""
+        return [w for record in self.records for w in record.dropped]
+
+    @property
+    def num_faces(self) -> int:
+        return sum(len(r.boxes) for r in self.records)
+
+    @property
+    def num_invalid(self) -> int:
+        return sum(int(r.invalid.sum()) for r in self.records)
 
 
 class Sample(NamedTuple):
@@ -144,17 +181,20 @@ class _RecordBuilder:
         self.boxes: List[List[float]] = []
         self.landmarks: List[List[float]] = []
         self.face_lines: List[int] = []
+        self.invalid: List[bool] = []
         self.problems: List[Problem] = []
+        self.dropped: List[Problem] = []
+        self.face_no = 0  # faces listed so far, usable or not (for messages)
 
-    def problem(self, line: int, message: str) -> None:
-        self.problems.append(Problem(self.file, line, message))
+    def problem(self, line: int, message: str, face: bool = False) -> None:
+        self.problems.append(Problem(self.file, line, message, face))
 
-    def add_face(self, line: int, values: List[float], has_landmarks: bool) -> None:
+    def add_face(self, line: int, values: List[float], has_landmarks: bool, invalid: bool = False) -> None:
         x, y, w, h = values[:4]
-        face_no = len(self.boxes) + 1
         if not (w > 0 and h > 0):
-            self.problem(line, f"degenerate box for face {face_no} of {self.image}: "
-                               f"width {w:g} and height {h:g} must both be > 0")
+            self.dropped.append(Problem(self.file, line, f"degenerate box dropped (face {self.face_no} of "
+                                                         f"{self.image}: width {w:g}, height {h:g})", True))
+            return
         self.boxes.append([x, y, x + w, y + h])
         if has_landmarks:
             points = [values[4 + 3 * p + c] for p in range(5) for c in (0, 1)]
@@ -166,6 +206,7 @@ class _RecordBuilder:
             points = [-1.0] * 10
         self.landmarks.append(points)
         self.face_lines.append(line)
+        self.invalid.append(bool(invalid))
 
     def build(self) -> LabelRecord:
         return LabelRecord(
@@ -173,21 +214,23 @@ class _RecordBuilder:
             boxes=np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4),
             landmarks=np.asarray(self.landmarks, dtype=np.float32).reshape(-1, 10),
             face_lines=np.asarray(self.face_lines, dtype=np.int64),
-            problems=self.problems,
+            invalid=np.asarray(self.invalid, dtype=bool),
+            problems=self.problems, dropped=self.dropped,
         )
 
 
 def _face_values(builder: _RecordBuilder, line_no: int, tokens: List[str],
                  counts: Tuple[int, ...], layout: str) -> Optional[List[float]]:
+    builder.face_no += 1
     if len(tokens) not in counts:
         allowed = ", ".join(str(c) for c in counts[:-1]) + f" or {counts[-1]}"
         builder.problem(line_no, f"malformed face line for {builder.image}: expected {allowed} "
-                                 f"numbers ({layout}), got {len(tokens)}")
+                                 f"numbers ({layout}), got {len(tokens)}", face=True)
         return None
     values = _parse_numbers(tokens)
     if values is None:
         builder.problem(line_no, f"non-numeric value {_first_bad_token(tokens)!r} in face line "
-                                 f"for {builder.image}")
+                                 f"for {builder.image}", face=True)
     return values
 
 
@@ -272,7 +315,9 @@ def _parse_wider(file: str, lines: Sequence[str]) -> Tuple[List[LabelRecord], Li
             values = _face_values(builder, line_no, text.split(), WIDER_FIELD_COUNTS,
                                   "x y w h blur expression illumination invalid occlusion pose")
             if values is not None:
-                builder.add_face(line_no, values, has_landmarks=False)
+                # Official layout: x y w h blur expression illumination invalid occlusion pose.
+                builder.add_face(line_no, values, has_landmarks=False,
+                                 invalid=len(values) == 10 and values[7] != 0)
         records.append(builder.build())
     return records, orphans
 
@@ -338,11 +383,15 @@ class WiderFaceDataset(Dataset):
     the label (1 = face with landmarks, -1 = without). With ``transform=None`` the image
     keeps its own size and the target is normalised by it. ``skip`` holds record indices
     to leave out (e.g. ``check_dataset(...).bad_samples``); any problem in a kept record
-    raises :class:`LabelFormatError` naming the label file and line.
+    raises :class:`LabelFormatError` naming the label file and line, except, with
+    ``skip_bad_faces``, a problem confined to one face line (that face is left out).
+    Invalid-flagged faces are left out unless ``keep_invalid``; degenerate boxes always are
+    (``dropped_boxes`` lists them).
     """
 
     def __init__(self, label_file: PathLike, image_root: Optional[PathLike] = None,
-                 transform: Optional[Transform] = None, skip: Iterable[int] = ()) -> None:
+                 transform: Optional[Transform] = None, skip: Iterable[int] = (),
+                 keep_invalid: bool = False, skip_bad_faces: bool = False) -> None:
         self.label_file = Path(label_file)
         self.image_root = None if image_root is None else Path(image_root)
         self.transform = transform
@@ -355,7 +404,7 @@ class WiderFaceDataset(Dataset):
         problems = list(parsed.problems)
         for record in parsed.records:
             if record.index not in skip:
-                problems.extend(record.problems)
+                problems.extend(record.image_problems if skip_bad_faces else record.problems)
         if problems:
             problems.sort(key=lambda p: p.line)
             first = problems[0]
@@ -364,7 +413,12 @@ class WiderFaceDataset(Dataset):
                                    f"{first.message}{more}; list them all with "
                                    f"`python -m data.check {self.label_file}`")
         self.format = parsed.format
-        self.records = [r for r in parsed.records if r.index not in skip]
+        kept = [r for r in parsed.records if r.index not in skip]
+        self.dropped_boxes = [w for r in kept for w in r.dropped]
+        self.skipped_faces = [p for r in kept for p in r.problems if p.face]
+        self.num_invalid = sum(int(r.invalid.sum()) for r in kept)  # in the kept records
+        self.keep_invalid = keep_invalid
+        self.records = kept if keep_invalid else [r.without_invalid() for r in kept]
         self.image_paths = [resolve_image_path(self.label_file, r.image, self.image_root) for r in self.records]
 
     @property

@@ -178,11 +178,11 @@ BAD_TEXT = """# good.jpg
 # edge.jpg
 55 10 12 12
 """
-# (line, text expected in the message) for every planted problem.
+# (line, text expected in the message) for every planted problem. The degenerate box on line 12
+# is not a problem: it is dropped with a warning and its image kept.
 BAD_EXPECTED = [
     (3, "image not found"), (5, "cannot be decoded"), (8, "expected 4, 19 or 20 numbers"),
-    (10, "non-numeric value 'abc'"), (12, "degenerate box"), (14, "outside the 64x48 image"),
-    (15, "empty (0 bytes)"),
+    (10, "non-numeric value 'abc'"), (14, "outside the 64x48 image"), (15, "empty (0 bytes)"),
 ]
 
 
@@ -203,17 +203,28 @@ def test_check_reports_every_problem_with_file_and_line(bad_label):
         assert problem.file == str(bad_label)
         assert text in problem.message
         assert str(problem).startswith(f"{bad_label}:{line}: ")
-    # good.jpg (0) and edge.jpg (8, box pokes 3 px over the border: clipped, not an error) are fine.
-    assert report.bad_samples == {1, 2, 3, 4, 5, 6, 7}
-    assert "7 problem(s) in 7 of 9 images" in report.summary()
+    # good.jpg (0) and edge.jpg (8, box pokes 3 px over the border: clipped, not an error) are fine;
+    # a malformed (3) or non-numeric (4) face line loses that face only; degenerate.jpg (5) loses its box.
+    assert report.bad_samples == {1, 2, 6, 7}
+    assert [p.face for p in report.problems] == [False, False, True, True, False, False]
+    assert [(w.line, "degenerate box dropped" in w.message) for w in report.dropped_boxes] == [(12, True)]
+    assert (report.num_images, report.num_faces, report.bad_faces) == (9, 5, 2)
+    assert ("6 problem(s)" in report.summary() and "leaves out the 4 image(s)" in report.summary()
+            and "2 unusable face line(s)" in report.summary() and "skip=" not in report.summary())
 
 
 def test_dataset_refuses_bad_records_and_skips_on_request(bad_label):
-    with pytest.raises(LabelFormatError, match=rf"{bad_label}:8: malformed face line.*and 2 more"):
+    with pytest.raises(LabelFormatError, match=rf"{bad_label}:8: malformed face line.*and 1 more"):
         WiderFaceDataset(bad_label)
-    dataset = WiderFaceDataset(bad_label, skip=check_dataset(bad_label).bad_samples)
-    assert [Path(p).name for p, _, _ in dataset.samples] == ["good.jpg", "edge.jpg"]
-    _, target = dataset[1]
+    with pytest.raises(LabelFormatError, match=rf"{bad_label}:8: malformed face line"):
+        WiderFaceDataset(bad_label, skip=check_dataset(bad_label).bad_samples)  # face problems need skip_bad_faces
+    dataset = WiderFaceDataset(bad_label, skip=check_dataset(bad_label).bad_samples, skip_bad_faces=True)
+    # The images whose only face line was malformed, non-numeric or degenerate stay, without it.
+    assert [Path(p).name for p, _, _ in dataset.samples] == ["good.jpg", "malformed.jpg", "nonnumeric.jpg",
+                                                              "degenerate.jpg", "edge.jpg"]
+    assert [len(s.boxes) for s in dataset.samples] == [1, 0, 0, 0, 1]
+    assert [p.line for p in dataset.skipped_faces] == [8, 10] and [w.line for w in dataset.dropped_boxes] == [12]
+    _, target = dataset[4]
     np.testing.assert_allclose(target[0, :4], [55 / 64, 10 / 48, 1.0, 22 / 48], rtol=1e-6)  # clipped
     # Problems only found when the image is opened are raised when it is loaded.
     dataset = WiderFaceDataset(bad_label, skip={3, 4, 5})
@@ -254,7 +265,7 @@ f.jpg
     assert [line for line, _ in got] == [line for line, _ in expected]
     for (_, message), (_, text) in zip(got, expected):
         assert text in message
-    assert report.bad_samples == {0, 1, 2, 3, 4, 5}
+    assert report.bad_samples == {0, 1, 2, 3, 5}  # e.jpg's non-numeric line loses that face, not the image
     # A whole-file problem (face line before any image) cannot be skipped.
     with pytest.raises(LabelFormatError, match=rf"{label}:1: expected an image path"):
         WiderFaceDataset(label, skip=report.bad_samples)
@@ -277,12 +288,12 @@ def _run_check(*args: str) -> subprocess.CompletedProcess:
 def test_check_command_line_exit_codes(bad_label, tmp_path):
     clean = _run_check(str(SHIPPED))
     assert clean.returncode == 0, clean.stdout + clean.stderr
-    assert "OK (retinaface format, 3 images, 34 faces)" in clean.stdout
+    assert "OK (retinaface format, 3 images (0 without faces), 34 faces, 0 degenerate boxes dropped" in clean.stdout
     bad = _run_check(str(bad_label), "--images", str(tmp_path / "images"))
     assert bad.returncode == 2
     for line, text in BAD_EXPECTED:
         assert f"{bad_label}:{line}: " in bad.stdout and text in bad.stdout
-    assert "7 problem(s)" in bad.stdout
+    assert "6 problem(s)" in bad.stdout and "warning: " in bad.stdout and "degenerate box dropped" in bad.stdout
 
 
 # ---------------------------------------------------------------------------- augmentation
@@ -464,3 +475,99 @@ def test_shipped_sample_loads(shipped):
     images, targets = next(iter(loader))
     assert images.shape == (3, 3, 320, 320) and len(targets) == 3
     assert all(t.shape[1] == 15 and len(t) >= 1 for t in targets)
+
+
+# ----------------------------------------------------------------- real WIDER labels (issue 13)
+def write_official_labels(path: Path, gt_dir: Path) -> dict:
+    """The official val ground truth (.mat) rewritten in the official text layout (what
+    wider_face_val_bbx_gt.txt holds), and the counts read straight from the .mat."""
+    from scipy.io import loadmat
+
+    mat = loadmat(str(gt_dir / "wider_face_val.mat"))
+    lines, counts = [], {"images": 0, "faces": 0, "empty": 0, "invalid": 0, "degenerate": 0}
+    for e, event in enumerate(mat["event_list"].ravel()):
+        event = str(np.asarray(event).ravel()[0])
+        for j, name in enumerate(mat["file_list"][e, 0].ravel()):
+            boxes = np.asarray(mat["face_bbx_list"][e, 0][j, 0]).reshape(-1, 4)
+            if len(boxes) == 1 and not boxes.any():
+                boxes = boxes[:0]  # the .mat lists a face-less image as one all-zero box
+            attrs = [np.asarray(mat[f"{k}_label_list"][e, 0][j, 0]).reshape(-1) for k in
+                     ("blur", "expression", "illumination", "invalid", "occlusion", "pose")]
+            lines += [f"{event}/{np.asarray(name).ravel()[0]}.jpg", str(len(boxes))]
+            if len(boxes) == 0:
+                lines.append("0 0 0 0 0 0 0 0 0 0")
+                counts["empty"] += 1
+            for k, box in enumerate(boxes):
+                lines.append(" ".join(str(int(v)) for v in [*box, *(a[k] for a in attrs)]))
+            good = (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
+            counts["images"] += 1
+            counts["faces"] += int(good.sum())
+            counts["degenerate"] += int((~good).sum())
+            counts["invalid"] += int((attrs[3][good] != 0).sum())
+    path.write_text("\n".join(lines) + "\n")
+    return counts
+
+
+def test_official_val_labels_parse_with_degenerate_invalid_and_empty_entries(tmp_path):
+    label = tmp_path / "wider_face_val_bbx_gt.txt"
+    counts = write_official_labels(label, _need(SHARED / "data" / "widerface_val_gt"))
+    # What the issue measured on the same ground truth: 39,708 boxes in the .mat, 4 of them the
+    # all-zero placeholders of face-less images, 7 degenerate.
+    assert counts == {"images": 3226, "faces": 39708 - 4 - 7, "empty": 4, "invalid": 585, "degenerate": 7}
+    parsed = read_label_file(label)
+    assert parsed.format == "wider" and parsed.all_problems() == []
+    assert len(parsed.records) == 3226 and parsed.num_faces == counts["faces"]
+    assert parsed.num_invalid == counts["invalid"] and len(parsed.dropped_boxes()) == 7
+    report = check_dataset(label, labels_only=True)
+    assert report.ok and report.bad_samples == set()
+    assert (report.num_images, report.num_faces, report.num_empty, report.num_invalid, len(report.dropped_boxes)) == (
+        3226, counts["faces"], 4, 585, 7)
+    out = _run_check(str(label), "--labels_only")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert ("3226 images (4 without faces), 39697 faces, 7 degenerate boxes dropped, 585 faces flagged invalid"
+            in out.stdout and out.stdout.count("warning: ") == 6)  # 5 listed + "... 2 more"
+    # The dataset keeps every image, without the invalid faces unless asked for them.
+    dataset = WiderFaceDataset(label, image_root=tmp_path)
+    assert len(dataset) == 3226 and dataset.num_faces == counts["faces"] - 585 and dataset.num_invalid == 585
+    assert WiderFaceDataset(label, image_root=tmp_path, keep_invalid=True).num_faces == counts["faces"]
+
+
+def test_labels_only_exit_code_follows_whether_training_can_start(tmp_path):
+    label = _write(tmp_path, "a.jpg\n2\n1 1 4 4 0 0 0 0 0 0\n1 1 4\nb.jpg\n1\n2 2 0 5 0 0 0 0 0 0\n")
+    out = _run_check(str(label), "--labels_only")
+    assert out.returncode == 2
+    assert f"{label}:4: malformed face line" in out.stdout and "labels only, images not opened" in out.stdout
+    assert "with --skip_bad_samples it leaves out the 0 image(s) with a problem and the 1 unusable face line(s)" in out.stdout
+    dataset = WiderFaceDataset(label, image_root=tmp_path, skip=check_dataset(label, labels_only=True).bad_samples,
+                               skip_bad_faces=True)
+    assert [len(r.boxes) for r in dataset.records] == [1, 0]  # both images kept
+
+
+def _truncated_jpeg_with_thumbnail(full: bytes, thumbnail: bytes, keep: int) -> bytes:
+    """A JPEG cut after `keep` bytes whose APP1 segment embeds a complete JPEG (as EXIF
+    thumbnails do), so an end-of-image marker does occur in the file, before the image data."""
+    payload = b"Exif\x00\x00" + thumbnail
+    segment = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    return full[:2] + segment + full[2:keep]
+
+
+def test_truncated_images_are_problems(tmp_path):
+    source = REPO / "data" / "sample" / "images" / "group_8.jpg"
+    full = source.read_bytes()
+    ok, thumb = cv2.imencode(".jpg", np.full((8, 8, 3), 128, np.uint8))
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "whole.jpg").write_bytes(full)
+    (images / "cut.jpg").write_bytes(full[:5000])  # libjpeg decodes it, grey below the cut
+    (images / "cut_thumb.jpg").write_bytes(_truncated_jpeg_with_thumbnail(full, thumb.tobytes(), 40000))
+    png = cv2.imencode(".png", cv2.imread(str(source)))[1].tobytes()
+    (images / "cut.png").write_bytes(png[: len(png) - 20])  # the IEND chunk is lost
+    decoded = cv2.imread(str(images / "cut.jpg"), cv2.IMREAD_COLOR)  # what training reads: a grey-filled image
+    assert decoded is not None and decoded.shape == (768, 1024, 3) and (decoded[200:] == 128).all()
+    label = _write(tmp_path, "".join(f"# {n}\n10 10 40 40\n" for n in ("whole.jpg", "cut.jpg", "cut_thumb.jpg", "cut.png")))
+    report = check_dataset(label)
+    assert [p.line for p in report.problems] == [3, 5, 7]
+    for problem, text in zip(report.problems, ("JPEG is truncated (no end-of-image marker after the image data)",
+                                               "JPEG is truncated", "PNG is truncated (no IEND chunk)")):
+        assert text in problem.message, problem
+    assert report.bad_samples == {1, 2, 3}
