@@ -1,6 +1,6 @@
 """Detect faces in an image, a folder of images or a video; write annotated copies and a JSON.
 
-    python detect.py --weights weights/featherface_v1_original_widerface_converted.pth --input photo.jpg
+    python detect.py --input photo.jpg      # the shipped published model (weights/featherface_v1_original.pth)
     python detect.py --weights featherface.onnx --input clips/street.mp4 --output out/
 
 Writes `<output>/<name>` (annotated image or .avi video) and `<output>/detections.json`
@@ -18,14 +18,15 @@ import torch
 from tqdm import tqdm
 
 from utils.errors import FeatherFaceError, run_cli
-from utils.inference.detector import FaceDetector, backend_for
+from utils.inference.detector import PUBLISHED_WEIGHTS, FaceDetector, backend_for
 from utils.inference.postprocess import DEMO_POSTPROCESS
 from utils.inference.media import VIDEO_SUFFIXES, MediaRunner, collect_inputs
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Detect faces with a FeatherFace checkpoint or ONNX export.")
-    p.add_argument("--weights", type=Path, required=True, help="checkpoint (.pth) or exported model (.onnx)")
+    p.add_argument("--weights", type=Path, default=PUBLISHED_WEIGHTS,
+                   help="checkpoint (.pth) or exported model (.onnx); default: the shipped published model")
     p.add_argument("--input", type=Path, required=True, help="an image, a folder of images or a video file")
     p.add_argument("--output", type=Path, default=Path("out"), help="folder for annotated files and detections.json")
     p.add_argument("--conf", type=float, default=DEMO_POSTPROCESS.conf_threshold, help="minimum face score")

@@ -39,3 +39,20 @@ def test_scripts_are_thin(script):
     assert "def get_args_parser(" in source and "def main(" in source
     assert "\nclass " not in source
     assert len(source.splitlines()) <= 160, f"{script} has {len(source.splitlines())} lines"
+
+
+def test_fresh_clone_quick_start_finds_the_8_faces(tmp_path):
+    """README quick start: the shipped converted published model is detect.py's default."""
+    import json
+
+    from utils.inference.detector import PUBLISHED_WEIGHTS
+
+    assert PUBLISHED_WEIGHTS.is_file(), "weights/featherface_v1_original.pth must be committed"
+    done = subprocess.run([sys.executable, "detect.py", "--input", "data/sample/images/group_8.jpg",
+                           "--output", str(tmp_path), "--threads", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "detections.json").read_text())
+    assert report["weights"] == str(PUBLISHED_WEIGHTS)
+    assert len(report["images"][0]["faces"]) == 8
+    assert (tmp_path / "group_8.jpg").is_file()

@@ -27,6 +27,8 @@ from utils.errors import FeatherFaceError
 from utils.deploy.fuse import fuse_batchnorm
 from utils.inference.postprocess import DEMO_POSTPROCESS, detect_faces
 
+# The published FeatherFace, converted and shipped with the repository (weights/README.md).
+PUBLISHED_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "featherface_v1_original.pth"
 ONNX_CONFIG_KEY = "featherface_model_config"  # metadata_props entry holding ModelConfig JSON
 INPUT_NAME = "input"  # names of the exported raw-output graph (utils/deploy/export.py writes them)
 OUTPUT_NAMES: Tuple[str, str, str] = ("bbox_regressions", "classifications", "landmarks")
