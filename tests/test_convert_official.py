@@ -274,3 +274,17 @@ def test_detections_match_the_published_code(converted_model):
     np.testing.assert_allclose(faces[:, :4], golden[:, :4], rtol=0, atol=2e-3)
     np.testing.assert_allclose(faces[:, 5:], golden[:, 5:], rtol=0, atol=2e-3)
     np.testing.assert_allclose(faces[:, 4], golden[:, 4], rtol=0, atol=3e-6)
+
+
+def test_shipped_weights_are_the_converted_published_file(converted_model):
+    """weights/featherface_v1_original.pth (detect.py's default) is exactly what the converter
+    writes from the published file, so tests may use it in place of ../shared."""
+    from utils.inference.detector import PUBLISHED_WEIGHTS
+
+    model, blob = converted_model
+    shipped, shipped_blob = load_model(PUBLISHED_WEIGHTS, expected="v1_original")
+    assert shipped_blob["model_config"] == blob["model_config"]
+    assert shipped_blob["source"] == blob["source"]
+    ours, theirs = shipped.state_dict(), model.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
