@@ -6,7 +6,8 @@ one below ``grad_low`` vanishing ones (or a detached graph); a non-finite norm i
 reported. Warnings go to ``logger`` and are counted in ``warnings``.
 
 ``end_epoch`` measures the epoch from the previous ``start_epoch()`` call (or, without
-one, from the previous ``end_epoch`` / construction), estimates the ETA as mean epoch time
+one, from the previous ``end_epoch`` / construction; the trainer calls ``start_epoch`` before
+the first batch and ``end_epoch`` after validation, before writing checkpoints), estimates the ETA as mean epoch time
 times the remaining epochs (epochs are 0-based, so after epoch ``e`` there are
 ``total_epochs - e - 1`` left), reports peak memory (CUDA max allocated during the epoch
 when CUDA is initialised, else the process' peak RSS), writes every metric to TensorBoard
@@ -56,7 +57,9 @@ class TrainingMonitor:
         logger: Callable[[str], Any] = print,
         grad_high: float = 10.0,
         grad_low: float = 1e-6,
+        step_scalars: bool = True,
     ) -> None:
+        """`step_scalars=False`: `log_step` only warns; the caller writes per-step scalars."""
         if total_epochs <= 0:
             raise ValueError(f"total_epochs must be > 0, got {total_epochs}")
         if not 0 <= grad_low < grad_high:
@@ -66,6 +69,7 @@ class TrainingMonitor:
         self.logger = logger
         self.grad_high = float(grad_high)
         self.grad_low = float(grad_low)
+        self.step_scalars = bool(step_scalars)
         self.warnings = 0
         self.epoch_times: List[float] = []
         self._epoch_start = time.perf_counter()
@@ -83,10 +87,11 @@ class TrainingMonitor:
     def log_step(self, step: int, grad_norm: float, losses: Mapping[str, Any], lr: float) -> Optional[str]:
         """Record one optimiser step; returns the warning text if the grad norm is suspicious."""
         grad_norm = _as_float(grad_norm)
-        self._scalar("train/grad_norm", grad_norm, step)
-        self._scalar("train/lr", float(lr), step)
-        for name, value in losses.items():
-            self._scalar(f"train/{name}", _as_float(value), step)
+        if self.step_scalars:
+            self._scalar("train/grad_norm", grad_norm, step)
+            self._scalar("train/lr", float(lr), step)
+            for name, value in losses.items():
+                self._scalar(f"train/{name}", _as_float(value), step)
 
         if not math.isfinite(grad_norm):
             problem = "is not finite"
@@ -101,8 +106,9 @@ class TrainingMonitor:
         self.logger(message)
         return message
 
-    def end_epoch(self, epoch: int, metrics: Mapping[str, Any]) -> str:
-        """Close epoch ``epoch`` (0-based): TensorBoard scalars plus a one-line summary."""
+    def end_epoch(self, epoch: int, metrics: Mapping[str, Any], step: Optional[int] = None) -> str:
+        """Close epoch ``epoch`` (0-based): TensorBoard scalars (at ``step``, default ``epoch``)
+        plus a one-line summary."""
         now = time.perf_counter()
         elapsed = now - self._epoch_start
         self._epoch_start = now
@@ -111,12 +117,14 @@ class TrainingMonitor:
         eta = sum(self.epoch_times) / len(self.epoch_times) * remaining
         memory = peak_memory_mb()
 
+        step = epoch if step is None else step
         values = {name: _as_float(v) for name, v in metrics.items()}
         for name, value in values.items():
-            self._scalar(f"epoch/{name}", value, epoch)
-        self._scalar("epoch/time_s", elapsed, epoch)
+            self._scalar(f"epoch/{name}", value, step)
+        self._scalar("epoch/time_s", elapsed, step)
+        self._scalar("epoch/eta_s", eta, step)
         if memory is not None:
-            self._scalar("epoch/memory_mb", memory, epoch)
+            self._scalar("epoch/memory_mb", memory, step)
 
         parts = [
             f"epoch {epoch + 1}/{self.total_epochs}",
