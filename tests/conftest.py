@@ -25,6 +25,19 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """data.check's decode cache in a temporary folder, not the user's ~/.cache (scripts run
+    by the tests inherit it through the environment)."""
+    previous = os.environ.get("FEATHERFACE_CACHE")
+    os.environ["FEATHERFACE_CACHE"] = str(tmp_path_factory.mktemp("featherface_cache"))
+    yield Path(os.environ["FEATHERFACE_CACHE"])
+    if previous is None:
+        os.environ.pop("FEATHERFACE_CACHE", None)
+    else:
+        os.environ["FEATHERFACE_CACHE"] = previous
+
+
 @pytest.fixture
 def shared() -> Path:
     return shared_path()
