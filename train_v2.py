@@ -44,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace):
     set_seed(args.seed)
     student = build_model("v2")
-    if not args.resume:
+    if not args.resume and not args.init_weights:  # --init_weights: a V2 checkpoint, loaded by the Trainer
         load_backbone_if_any(student, args.pretrained_backbone, print)
     return DistillationTrainer(args, student).fit()
 

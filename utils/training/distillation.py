@@ -4,6 +4,7 @@ dynamic alpha schedule, smart early stopping, the training monitor and MixUp/Cut
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
@@ -32,6 +33,8 @@ def load_teacher(path: str, student_config, device: torch.device) -> torch.nn.Mo
 
 class DistillationTrainer(Trainer):
     """Trainer whose loss mixes the MultiBox task loss with distillation from a frozen teacher."""
+
+    task_loss_key = "task"  # without validation, best.pth follows this, not the alpha-weighted total
 
     def __init__(self, args: argparse.Namespace, model: torch.nn.Module) -> None:
         self.kd = DistillationLoss(args.temperature, args.kd_conf_threshold, teacher_is_prob=True)
@@ -66,13 +69,20 @@ class DistillationTrainer(Trainer):
 
     def on_epoch_end(self, metrics: Dict[str, float]) -> Optional[str]:
         epoch = self.state.epoch
-        # Without --val_dataset the schedule and early stopping watch the training task loss.
-        watched = metrics.get("val_loss", metrics["task"])
-        if self.alpha.step_validation(watched):
+        # One declared metric (Trainer.selection, the one best.pth follows): val AP@0.5, else the
+        # val loss, else the training task loss. Epochs between validations change nothing.
+        value = self.selection.value(metrics)
+        watched = None if value is None else self.selection.as_loss(value)
+        if watched is not None and self.alpha.step_validation(watched):
             self.log(f"validation plateau: alpha x{self.alpha.plateau_factor} (plateaus so far {self.alpha.num_plateaus})")
         metrics["alpha_next"] = self.alpha.value(epoch + 1)
         metrics["grad_warnings"] = float(self.monitor.warnings)
-        stop = self.stopper.step(epoch, watched)
+        if watched is None:
+            return None
+        if self.selection.higher_is_better:
+            stop = self.stopper.step(epoch, math.inf, value)  # the AP alone decides
+        else:
+            stop = self.stopper.step(epoch, value)
         self.monitor.end_epoch(epoch, {"watched_loss": watched, "alpha": metrics["alpha"]})  # logs its own line
         return self.stopper.reason if stop else None
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 from data.augment import TrainTransform, ValTransform
@@ -36,6 +36,8 @@ from utils.checkpoint import load_checkpoint, load_pretrained_backbone, load_sta
 from utils.checkpoint import checkpoint_blob
 from utils.errors import CheckpointError, FeatherFaceError
 from utils.training import distributed as ddp
+from utils.training.precise_bn import recompute_bn_stats
+from utils.training.validation import ValidationSet, WiderSubset, run_validation, selection_metric
 from utils.training.resume import (CheckpointKeeper, apply_optimizer_options, capture_rng, check_resume,
                                    cpu_copy, dataset_fingerprint, restore_rng, rng_of_rank)
 
@@ -58,14 +60,23 @@ def add_training_args(parser: argparse.ArgumentParser, epochs: int, name: str) -
                    help="label file (RetinaFace label.txt or official wider_face_train_bbx_gt.txt); "
                         "images are read from images/ beside it unless --image_root is given")
     g.add_argument("--image_root", default=None, help="folder the label file's image paths are relative to")
-    g.add_argument("--val_dataset", default=None, help="optional label file for a validation loss")
-    g.add_argument("--val_interval", type=int, default=1, help="validate every N epochs")
+    g.add_argument("--val_dataset", default=None,
+                   help="label file of a validation set: val loss and AP@0.5 every --val_interval epochs")
+    g.add_argument("--val_interval", type=int, default=1, help="validate every N epochs (and after the last one)")
+    g.add_argument("--val_gt_dir", default=None,
+                   help="WIDER val ground truth folder (wider_face_val.mat, wider_{easy,medium,hard}_val.mat): "
+                        "also the official easy/medium/hard AP of the --val_dataset images")
+    g.add_argument("--no_val_ap", action="store_true",
+                   help="validate by loss only (no detection pass); best.pth then follows the val loss")
+    g.add_argument("--keep_invalid_faces", action="store_true",
+                   help="train on faces the official labels flag invalid (left out by default)")
     g.add_argument("--image_size", type=int, default=640, help="square training input size")
     g.add_argument("--num_workers", type=int, default=4, help="data-loading worker processes")
     g.add_argument("--no_augment", action="store_true",
                    help="only pad and resize training images (sanity checks such as overfitting a few images)")
     g.add_argument("--skip_bad_samples", action="store_true",
-                   help="drop images that fail the data check instead of refusing to start")
+                   help="leave out images that fail the data check, and unusable face lines, instead of "
+                        "refusing to start")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
     g.add_argument("--batch_size", type=int, default=32, help="images per batch per process")
@@ -89,6 +100,12 @@ def add_training_args(parser: argparse.ArgumentParser, epochs: int, name: str) -
     g.add_argument("--name", default=name, help=f"run name: checkpoints in SAVE_FOLDER/NAME, logs in runs/NAME (default {name})")
     g.add_argument("--save_interval", type=int, default=10, help="also keep epoch_N.pth every N epochs (0 = never)")
     g.add_argument("--resume", default=None, help="checkpoint to continue from (its full state is restored)")
+    g.add_argument("--init_weights", default=None,
+                   help="start from the model weights of this checkpoint (ours, or a converted published one) "
+                        "with a fresh optimizer and schedule: fine-tuning")
+    g.add_argument("--precise_bn_batches", type=int, default=20,
+                   help="recompute BN statistics over this many training batches before each validation and "
+                        "checkpoint, so checkpoints work in eval mode (0 = off, keep the running averages)")
     g.add_argument("--max_iters", type=int, default=0,
                    help="stop after this many iterations in total and save (0 = run all epochs)")
     g.add_argument("--log_dir", default="runs", help="TensorBoard root folder")
@@ -157,8 +174,16 @@ def build_train_set(args: argparse.Namespace, log) -> WiderFaceDataset:
                 f"`python -m data.check {args.training_dataset}` lists them all). Fix them or pass "
                 f"--skip_bad_samples to drop the {len(report.bad_samples)} affected image(s)."
             )
-        log(f"--skip_bad_samples: dropping {len(report.bad_samples)} image(s) with problems")
-    dataset = WiderFaceDataset(args.training_dataset, args.image_root, skip=report.bad_samples)
+        log(f"--skip_bad_samples: leaving out {len(report.bad_samples)} image(s) with problems and "
+            f"{report.bad_faces} unusable face line(s)")
+    dataset = WiderFaceDataset(args.training_dataset, args.image_root, skip=report.bad_samples,
+                               keep_invalid=args.keep_invalid_faces, skip_bad_faces=args.skip_bad_samples)
+    for warning in dataset.dropped_boxes[:3]:
+        log(f"  warning: {warning}")
+    if dataset.dropped_boxes or (dataset.num_invalid and not args.keep_invalid_faces):
+        log(f"labels: {len(dataset.dropped_boxes)} degenerate box(es) dropped, "
+            f"{0 if args.keep_invalid_faces else dataset.num_invalid} face(s) flagged invalid left out "
+            f"(--keep_invalid_faces keeps them)")
     if len(dataset) == 0:
         raise BadDatasetError(f"no usable images in {args.training_dataset}")
     return dataset
@@ -194,7 +219,8 @@ class RunState:
     epoch: int = 0  # current epoch (0-based)
     epoch_iter: int = 0  # batches of `epoch` already done
     iteration: int = 0  # global optimizer steps
-    best_metric: float = math.inf  # best validation loss (or training loss without val)
+    best_metric: float = math.inf  # best value of `best_metric_name`, lower-is-better form (AP negated)
+    best_metric_name: str = ""  # the one metric picking best.pth (utils.training.validation.SelectionMetric)
     history: List[Dict[str, float]] = field(default_factory=list)
     stop_reason: str = ""
     skipped_steps: int = 0  # optimizer steps skipped because the gradients were not finite
@@ -202,6 +228,8 @@ class RunState:
 
 class Trainer:
     """Runs training for a FeatherFace model; see module docstring."""
+
+    task_loss_key = "loss"  # the training task loss in the step metrics (V2: "task", not the KD mix)
 
     def __init__(self, args: argparse.Namespace, model: nn.Module) -> None:
         self.args = args
@@ -223,9 +251,16 @@ class Trainer:
         self.train_set = SeededTrainSet(self.dataset, args.image_size, args.seed, not args.no_augment)
         self.sampler = EpochSampler(len(self.dataset), args.seed, self.rank, self.world)
         self.iters_per_epoch = math.ceil(len(self.sampler.indices()) / args.batch_size)
-        self.val_set = (
-            WiderFaceDataset(args.val_dataset, transform=ValTransform(args.image_size)) if args.val_dataset else None
-        )
+        self.val_set = ValidationSet(args.val_dataset, None, args.image_size) if args.val_dataset else None
+        self.val_wider = WiderSubset(args.val_gt_dir, self.val_set.records) if args.val_gt_dir and self.val_set else None
+        if args.val_gt_dir and not self.val_set:
+            raise FeatherFaceError("--val_gt_dir needs --val_dataset (the label file of those val images)")
+        self.selection = selection_metric(self.val_set is not None, not args.no_val_ap, self.task_loss_key)
+        if args.init_weights:
+            if args.resume:
+                raise FeatherFaceError("--init_weights and --resume exclude each other: --resume continues a run "
+                                       "(weights, optimizer, schedule), --init_weights starts a new one from weights")
+            init_from_checkpoint(model, args.init_weights, self.log)
 
         self.model = model.to(self.device)
         if self.device.type == "cuda":
@@ -402,27 +437,39 @@ class Trainer:
         out["grad_norm"] = grad_norm
         return out
 
-    @torch.no_grad()
     def validate(self) -> Dict[str, float]:
-        """Mean loss parts over the validation set (model in eval mode, logits for the loss)."""
+        """Val loss parts, AP@0.5 and (with --val_gt_dir) easy/medium/hard AP (utils.training.validation)."""
         if self.val_set is None:
             return {}
-        net = unwrap(self.model)
-        loader = DataLoader(self.val_set, batch_size=self.args.batch_size, collate_fn=detection_collate,
-                            num_workers=min(self.args.num_workers, 2))
-        totals: Dict[str, float] = {}
-        count = 0
-        net.train(False)
-        for images, targets in loader:
-            images = images.to(self.device)
-            feats = net.features(images)
-            outputs = (net.bbox_head(feats), net.class_head(feats), net.landmark_head(feats))
-            parts = self.criterion(outputs, self.priors, [t.to(self.device) for t in targets])
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + float(v) * len(targets)
-            count += len(targets)
-        net.train(True)
-        return {f"val_{k}": v / count for k, v in totals.items()}
+        return run_validation(unwrap(self.model), self.val_set, self.criterion, self.priors, self.device,
+                              self.args.batch_size, min(self.args.num_workers, 2), not self.args.no_val_ap,
+                              self.val_wider)
+
+    def precise_bn(self) -> Optional[float]:
+        """Recompute BN statistics over --precise_bn_batches training batches (utils.training.precise_bn),
+        so the weights about to be validated or saved work in eval mode. Returns the seconds it
+        took (None when off). Collective under DDP."""
+        args = self.args
+        count = min(args.precise_bn_batches, self.iters_per_epoch)
+        if count <= 0:
+            return None
+        start = time.perf_counter()
+        # Own generators: which images are used must not draw from the global RNG (exact resume).
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + self.state.epoch)
+        order = torch.randperm(len(self.dataset), generator=g).tolist()
+        per_rank = order[: count * args.batch_size * self.world][self.rank::self.world]
+        loader = DataLoader(Subset(self.train_set, per_rank), batch_size=args.batch_size,
+                            collate_fn=detection_collate, num_workers=args.num_workers,
+                            generator=torch.Generator().manual_seed(args.seed + self.state.epoch))
+        memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+
+        def batches():
+            for images, _ in loader:
+                yield images.to(self.device, memory_format=memory_format, non_blocking=True)
+
+        with torch.autocast(self.device.type, enabled=self.amp):
+            recompute_bn_stats(unwrap(self.model), batches())
+        return time.perf_counter() - start
 
     def validate_once(self) -> Dict[str, float]:
         """`validate` on rank 0 only; the other ranks wait and receive its numbers."""
@@ -495,17 +542,18 @@ class Trainer:
             while state.epoch < args.epochs:
                 self.monitor.start_epoch()
                 metrics = self.train_one_epoch()
+                bn_seconds = self.precise_bn()  # checkpoints and validation below get eval-ready BN statistics
+                if bn_seconds is not None:
+                    metrics["precise_bn_s"] = bn_seconds
                 if args.max_iters and state.iteration >= args.max_iters and state.epoch_iter < self.iters_per_epoch:
                     state.stop_reason = f"--max_iters {args.max_iters} reached"
                     self.save("last.pth")
                     break
-                if self.val_set is not None and (state.epoch + 1) % args.val_interval == 0:
+                if self.val_set is not None and ((state.epoch + 1) % args.val_interval == 0
+                                                 or state.epoch + 1 == args.epochs):
                     metrics.update(self.validate_once())
                 reason = self.on_epoch_end(metrics)
-                score = metrics.get("val_loss", metrics["loss"])
-                improved = score < state.best_metric
-                if improved:
-                    state.best_metric = score
+                improved = self.update_best(metrics)
                 reason, improved = self.share_decisions(metrics, reason, improved)
                 state.history.append({"epoch": state.epoch + 1, **metrics})
                 if self.is_main:  # one line and TensorBoard: metrics, epoch time, ETA, peak memory
@@ -541,6 +589,20 @@ class Trainer:
         self.log(f"done: {state.stop_reason}{skipped}; last checkpoint {self.save_dir / 'last.pth'}")
         return state
 
+    def update_best(self, metrics: Dict[str, float]) -> bool:
+        """Compare this epoch's selection metric with the best so far; epochs that did not
+        compute it (between validations) change nothing."""
+        state, selection = self.state, self.selection
+        if state.best_metric_name != selection.key:
+            if state.best_metric_name:
+                self.log(f"best.pth now follows {selection.key}, not {state.best_metric_name}: the best starts afresh")
+            state.best_metric_name, state.best_metric = selection.key, math.inf
+        value = selection.value(metrics)
+        if value is None or not selection.as_loss(value) < state.best_metric:
+            return False
+        state.best_metric = selection.as_loss(value)
+        return True
+
     def share_decisions(self, metrics: Dict[str, float], reason: Optional[str], improved: bool):
         """Rank 0's epoch-end decisions on every rank: its metrics, stop reason, best metric and
         subclass state (alpha schedule, early stopping). Taken once, so ranks cannot disagree."""
@@ -554,6 +616,22 @@ class Trainer:
             self.state.best_metric = shared[3]
             self.load_extra_state(shared[4])
         return shared[1], shared[2]
+
+
+def init_from_checkpoint(model: nn.Module, path: str, log) -> None:
+    """--init_weights: the model weights of a checkpoint of the same model, nothing else (the
+    optimizer and the schedule start afresh). Another model, or keys that do not fit, stop with
+    a message naming them."""
+    blob = load_checkpoint(path)
+    net = unwrap(model)
+    saved = blob["model_config"]
+    if saved != net.config.to_dict():
+        changed = sorted(k for k in set(saved) | set(net.config.to_dict()) if saved.get(k) != net.config.to_dict().get(k))
+        raise CheckpointError(f"--init_weights {path} holds a '{saved.get('name')}' model, this run trains "
+                              f"'{net.config.name}' (differing config fields: {', '.join(changed)}); "
+                              f"pick the matching --model")
+    load_state_strict(net, blob["model"], f"--init_weights {path}")
+    log(f"model weights initialised from {path} (optimizer and schedule start afresh)")
 
 
 def load_backbone_if_any(model: nn.Module, path: Optional[str], log) -> None:
