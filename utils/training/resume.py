@@ -191,13 +191,14 @@ class CheckpointKeeper:
             blob, names, where = self.pending
             self.write_now(blob, names, where)
 
-    def describe_good(self) -> str:
-        """For the non-finite-loss message: which file is known good, or why none is."""
+    def describe_good(self, advice: str = "a lower --lr or --gradient_clip 1") -> str:
+        """For the non-finite-loss message: which file is known good (or why none is), and `advice`."""
         if self.good is not None:
             return (f"the last checkpoint shown to give a finite loss is {self.good.path.resolve()} "
-                    f"({self.good.where}); resume from it")
+                    f"({self.good.where}): resume from it with {advice} (a new --lr is applied on resume)")
         if self.unproven is not None:
             return (f"{self.unproven.path.resolve()} ({self.unproven.where}) gives this non-finite loss at its "
-                    f"first step, and no earlier checkpoint of this run was shown to give a finite one; "
-                    f"start again")
-        return "no checkpoint of this run was shown to give a finite loss yet (none is written); start again"
+                    f"first step and no earlier checkpoint of this run was shown to give a finite one: "
+                    f"start again with {advice}")
+        return (f"no checkpoint of this run was shown to give a finite loss (none was written): "
+                f"start again with {advice}")

@@ -414,7 +414,7 @@ class Trainer:
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {self.state.epoch + 1}, iteration {self.state.iteration + 1} "
                 f"(rank {self.rank}: loss {float(loss.detach())}, parts {as_floats(parts)}); "
-                f"{self.keeper.describe_good()} with a lower --lr (applied on resume) or --gradient_clip 1"
+                f"{self.keeper.describe_good('a lower --lr or --gradient_clip 1')}"
             )
         self.keeper.step_was_finite()  # these weights gave a finite loss: their checkpoint may be written
         self.optimizer.zero_grad(set_to_none=True)
