@@ -123,15 +123,28 @@ def test_detect_batch_equals_detect(real_checkpoint, group_8):
 def test_detector_rejects_bad_input():
     detector = FaceDetector(build_model("v2"))
     assert detector.detect_arrays([]) == []
-    with pytest.raises(FeatherFaceError, match="HxWx3"):
+    with pytest.raises(FeatherFaceError, match="expected an image array"):
         detector.detect(None)
     with pytest.raises(FeatherFaceError, match="HxWx3"):
-        detector.detect(np.zeros((32, 32), np.uint8))
+        detector.detect(np.zeros((32, 32, 4), np.uint8))
     with pytest.raises(FeatherFaceError, match="unknown backend"):
         FaceDetector(build_model("v2"), backend="tflite")
     with pytest.raises(FeatherFaceError, match="not found"):
         FaceDetector(ROOT / "missing.onnx", backend="auto")
     assert backend_for("a/b.ONNX") == "onnx" and backend_for("a/b.pth") == "torch"
+
+
+def test_detector_takes_grayscale_and_refuses_0_to_1_floats(real_checkpoint, group_8):
+    detector = FaceDetector(real_checkpoint, conf=0.5)
+    gray = cv2.cvtColor(group_8, cv2.COLOR_BGR2GRAY)
+    expected = detector.detect_array(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))
+    assert len(expected) >= 6  # the eight faces are still found in gray
+    np.testing.assert_array_equal(detector.detect_array(gray), expected)  # (H, W), as detect.py reads gray files
+    np.testing.assert_array_equal(detector.detect_array(gray[:, :, None]), expected)
+    np.testing.assert_allclose(detector.detect_array(group_8.astype(np.float32)), detector.detect_array(group_8),
+                               atol=1e-4)  # a float image with 0-255 values is fine
+    with pytest.raises(FeatherFaceError, match="all values <= 1.*0-255"):
+        detector.detect(group_8.astype(np.float32) / 255)  # would otherwise find no face, silently
 
 
 def test_face_to_dict_is_json_ready():

@@ -109,6 +109,24 @@ class OnnxBackend:
         return tuple(torch.from_numpy(o) for o in outputs)
 
 
+def as_bgr(image: np.ndarray) -> np.ndarray:
+    """An image as the network takes it: HxWx3 BGR with 0-255 values. A grayscale (H, W) or
+    (H, W, 1) array is repeated into three channels (as detect.py reads grayscale files); a
+    float image whose values are all <= 1 (scaled to 0-1) is refused rather than silently
+    finding nothing."""
+    if not isinstance(image, np.ndarray):
+        raise FeatherFaceError(f"expected an image array, got {type(image).__name__} "
+                               f"(cv2.imread returns None for unreadable files)")
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+        image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise FeatherFaceError(f"expected a BGR image of shape HxWx3 or a grayscale HxW one, got shape {image.shape}")
+    if image.dtype.kind == "f" and image.size and float(np.nanmax(image)) <= 1.0:
+        raise FeatherFaceError("float image with all values <= 1: FeatherFace takes 0-255 BGR pixels; "
+                               "pass (image * 255) or the uint8 image")
+    return image
+
+
 class FaceDetector:
     """Find faces with a FeatherFace checkpoint (.pth), an exported .onnx file or a model.
 
@@ -157,9 +175,7 @@ class FaceDetector:
         result (CBAM's global pools and the border activations see the padded area), and each
         image must get the same faces as `detect` on its own.
         """
-        for image in images:
-            if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-                raise FeatherFaceError("expected BGR images of shape HxWx3 (cv2.imread returns None for unreadable files)")
+        images = [as_bgr(image) for image in images]
         scales = [self.scale_for(im) if scale is None else scale for im in images]
         tensors = [preprocess(im, s) for im, s in zip(images, scales)]
         by_size: Dict[Tuple[int, int], List[int]] = {}
@@ -178,7 +194,7 @@ class FaceDetector:
         return self.detect_arrays([image], scale)[0]
 
     def detect(self, image: np.ndarray) -> List[Face]:
-        """Faces in one BGR image, highest score first."""
+        """Faces in one BGR (or grayscale HxW) image with 0-255 values, highest score first."""
         return [Face.from_row(row) for row in self.detect_array(image)]
 
     def detect_batch(self, images: Sequence[np.ndarray]) -> List[List[Face]]:
