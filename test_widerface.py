@@ -3,8 +3,12 @@
     python test_widerface.py --weights weights/v1_original.pth \
         --dataset_folder data/widerface/WIDER_val/images --gt_dir data/widerface/ground_truth
 
-Writes `<save_folder>/<event>/<image>.txt` (official layout; resumable), and with --gt_dir the
-APs (JSON) and the PR curves (PNG) beside the prediction folder.
+Without extra flags this is the published FeatherFace test_widerface.py's protocol, the one its
+reported APs come from: original image size, confidence > 0.02, no top-k, NMS 0.4 with its
+inclusive-pixel IoU, no keep-top-k, integer boxes x = int(x1), w = int(x2) - int(x1). With the
+converted published checkpoint it writes the published script's boxes (tests/test_eval_scripts.py).
+Writes `<save_folder>/<event>/<image>.txt` (official layout; resumable), and with --gt_dir (checked
+before predicting) the APs (JSON) and the PR curves (PNG) beside the prediction folder.
 """
 from __future__ import annotations
 
@@ -16,12 +20,12 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from utils.inference.detector import FaceDetector
 from utils.inference.postprocess import WIDER_POSTPROCESS
 from utils.errors import FeatherFaceError, run_cli
 from utils.evaluation.pr_plot import save_pr_curves
-from utils.evaluation.widerface_eval import SETTINGS
-from utils.evaluation.predict import evaluate_images, file_digest, list_images, predict_images
+from utils.evaluation.predict import (NO_LIMIT, PixelNmsDetector, evaluate_images, file_digest, list_images,
+                                      predict_images, published_protocol_detector)
+from utils.evaluation.widerface_eval import SETTINGS, load_ground_truth, select_images
 
 RETINAFACE_RESIZE = (1600, 2150)  # short side / long-side cap of RetinaFace's test_widerface.py
 
@@ -40,16 +44,20 @@ def add_inference_args(parser: argparse.ArgumentParser, require_dataset: bool = 
     parser.add_argument("--image_size", type=int, default=None, help="resize the short side to this many pixels")
     parser.add_argument("--max_size", type=int, default=None, help="cap on the long side after resizing (pixels)")
     parser.add_argument("--confidence_threshold", type=float, default=WIDER_POSTPROCESS.conf_threshold,
-                        help="drop scores below this")
-    parser.add_argument("--nms_threshold", type=float, default=WIDER_POSTPROCESS.nms_threshold, help="NMS IoU threshold")
-    parser.add_argument("--top_k", type=int, default=WIDER_POSTPROCESS.top_k, help="boxes kept before NMS")
-    parser.add_argument("--keep_top_k", type=int, default=WIDER_POSTPROCESS.keep_top_k, help="boxes kept after NMS")
+                        help="keep scores above this")
+    parser.add_argument("--nms_threshold", type=float, default=WIDER_POSTPROCESS.nms_threshold,
+                        help="NMS IoU threshold (IoU counted in inclusive pixels, as the published script)")
+    # The published script has --top_k 5000 / --keep_top_k 750 flags but applies neither.
+    parser.add_argument("--top_k", type=int, default=NO_LIMIT,
+                        help="best boxes kept before NMS; 0 = all (the published script applies no top-k)")
+    parser.add_argument("--keep_top_k", type=int, default=NO_LIMIT,
+                        help="boxes kept after NMS; 0 = all (the published script applies no keep-top-k)")
     parser.add_argument("--flip", action="store_true", help="test-time augmentation: add a mirrored pass")
     parser.add_argument("--scales", type=float, nargs="+", default=None,
                         help="test-time augmentation: resize factors on top of the base size, e.g. 0.5 1 1.5")
-    parser.add_argument("--integer_boxes", action="store_true",
-                        help="truncate boxes to integer pixels as RetinaFace's test_widerface.py does "
-                             "(default: exact floats)")
+    parser.add_argument("--float_boxes", action="store_true",
+                        help="write exact float boxes (default: the published integer boxes, x = int(x1), "
+                             "w = int(x2) - int(x1))")
     parser.add_argument("--device", type=str, default="cpu", help="torch device (cpu, cuda, cuda:1)")
     parser.add_argument("--overwrite", action="store_true", help="predict again even where a file exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -67,17 +75,15 @@ def input_size(args: argparse.Namespace) -> Tuple[Optional[int], Optional[int]]:
 
 
 def build_detector(args: argparse.Namespace, weights: Union[str, Path, nn.Module],
-                   backend: str = "auto") -> FaceDetector:
-    """The shared FaceDetector with this run's resize and thresholds (backend "auto": by suffix)."""
-    if backend == "auto":
-        backend = "onnx" if isinstance(weights, (str, Path)) and str(weights).lower().endswith(".onnx") else "torch"
+                   backend: str = "auto") -> PixelNmsDetector:
+    """The published protocol's detector with this run's resize and thresholds (backend "auto": by suffix)."""
     image_size, max_size = input_size(args)
-    return FaceDetector(weights, backend=backend, device=args.device, image_size=image_size, max_size=max_size,
-                        conf=args.confidence_threshold, nms=args.nms_threshold, top_k=args.top_k,
-                        keep_top_k=args.keep_top_k, threads=getattr(args, "threads", None))
+    return published_protocol_detector(weights, backend, args.device, image_size, max_size, args.confidence_threshold,
+                                       args.nms_threshold, args.top_k, args.keep_top_k,
+                                       threads=getattr(args, "threads", None))
 
 
-def run_widerface(args: argparse.Namespace, detector: FaceDetector, label: str, model_id: str, save_folder: Path,
+def run_widerface(args: argparse.Namespace, detector: PixelNmsDetector, label: str, model_id: str, save_folder: Path,
                   results_json: Optional[Path] = None, pr_curve: Optional[Path] = None) -> Dict[str, object]:
     """Predict the images (resuming), report, and with --gt_dir evaluate and save JSON + PNG.
 
@@ -86,8 +92,12 @@ def run_widerface(args: argparse.Namespace, detector: FaceDetector, label: str, 
     if args.dataset_folder is None:
         raise FeatherFaceError("--dataset_folder is required (WIDER_val/images)")
     images = list_images(args.dataset_folder, args.image_list)
+    if args.gt_dir is not None:  # a wrong --gt_dir or image list fails now, not after every image has run
+        gt = load_ground_truth(args.gt_dir)
+        if args.image_list:
+            select_images(gt, images)
     summary = predict_images(detector, args.dataset_folder, images, save_folder, args.overwrite, args.flip,
-                             args.scales, model_id, args.integer_boxes, progress=not args.quiet)
+                             args.scales, model_id, not args.float_boxes, progress=not args.quiet)
     print(f"{label}: {summary.written} image(s) predicted, {summary.skipped} already done"
           + (f", {summary.seconds_per_image:.3f} s/image" if summary.written else "") + f" -> {save_folder}")
     if summary.unreadable:

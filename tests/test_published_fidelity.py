@@ -102,7 +102,7 @@ def test_goldens_cover_odd_sizes():
     assert len(odd) >= 5
     assert any(h > w for w, h in odd), "no portrait size"
     assert any(min(s) < 320 for s in odd), "no size below 320"
-    assert sum(p.stat().st_size for p in GOLDEN_DIR.iterdir()) < 1_000_000
+    assert sum(p.stat().st_size for p in GOLDEN_DIR.rglob("*") if p.is_file()) < 1_000_000
 
 
 def test_golden_anchors_include_the_top_scores():

@@ -25,6 +25,7 @@ from utils.evaluation.widerface_eval import (
     get_args_parser,
     load_ground_truth,
     main,
+    read_image_list,
     read_prediction_file,
     score_thresholds,
     write_prediction_file,
@@ -342,8 +343,45 @@ def test_evaluate_folder_equals_in_memory_and_missing_files(tmp_path):
         evaluate_predictions({e: {n: d for n, d in v.items() if n != "img_1_2"} for e, v in preds.items()}, gt_dir)
     preds["1--Ev1"]["img_1_2"] = np.zeros((0, 5))
     assert evaluate(pred_dir, gt_dir, allow_missing=True).to_dict() == evaluate_predictions(preds, gt_dir).to_dict()
-    with pytest.raises(WiderFaceEvalError, match="missing ground-truth file .*wider_face_val.mat"):
+    with pytest.raises(WiderFaceEvalError, match="ground-truth folder .*nowhere does not exist"):
         evaluate(pred_dir, tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WiderFaceEvalError, match="missing ground-truth file .*wider_face_val.mat"):
+        evaluate(pred_dir, tmp_path / "empty")
+
+
+def test_integer_prediction_lines_are_the_published_scripts(tmp_path):
+    path = tmp_path / "0--Ev" / "img.txt"
+    scores = np.float32([0.99966156, 0.020000001])
+    write_prediction_file(path, "img", np.array([[818, 506, 62, 80, scores[0]], [-1, 0, 3, 4, scores[1]]]),
+                          integer_boxes=True)
+    assert path.read_text() == "img\n2\n818 506 62 80 0.99966156\n-1 0 3 4 0.020000001\n"
+    assert np.float32(read_prediction_file(path)[:, 4]).tolist() == scores.tolist()  # float32 scores round-trip
+    with pytest.raises(ValueError, match="integral"):
+        write_prediction_file(path, "img", np.array([[1.5, 2, 3, 4, 0.5]]), integer_boxes=True)
+
+
+def test_image_list_restricts_the_ground_truth(tmp_path, capsys):
+    gt_dir = write_gt(tmp_path / "gt", [("0--Ev", "a", [A, B], [1, 2]), ("0--Ev", "b", [A], [1]),
+                                        ("1--Ev", "c", [B], [1])])
+    pred = tmp_path / "pred"
+    write_prediction_file(pred / "0--Ev" / "a.txt", "a", np.array([A + [0.9], B + [0.8], FAR + [0.7]]))
+    write_prediction_file(pred / "1--Ev" / "c.txt", "c", np.array([FAR + [0.6]]))
+    listing = tmp_path / "list.txt"
+    listing.write_text("/0--Ev/a.jpg\n\n1--Ev/c.jpg\n")
+    assert read_image_list(listing) == ["0--Ev/a.jpg", "1--Ev/c.jpg"]
+    result = main(get_args_parser().parse_args(["--pred", str(pred), "--gt", str(gt_dir), "--image_list", str(listing)]))
+    assert "evaluated on 2 listed image(s)" in capsys.readouterr().out
+    # Faces of a and c only (3): A, B found at precision 1, then two false positives.
+    assert all_aps(result) == pytest.approx([2 / 3] * 3)
+    with pytest.raises(WiderFaceEvalError, match="missing prediction file .*b.txt"):
+        evaluate(pred, gt_dir)  # without the list the whole ground truth is expected
+    listing.write_text("0--Ev/a.jpg\n0--Ev/not_val.jpg\n")
+    with pytest.raises(WiderFaceEvalError, match="1 listed image.*not in the validation ground truth, e.g. 0--Ev/not_val"):
+        evaluate(pred, gt_dir, images=read_image_list(listing))
+    listing.write_text("0--Ev/a.jpg\njust_a_name.jpg\n")
+    with pytest.raises(WiderFaceEvalError, match=r"list\.txt:2: expected 'event/name\.jpg'"):
+        read_image_list(listing)
 
 
 def test_cli_prints_aps_and_writes_json(tmp_path, capsys):
@@ -363,7 +401,7 @@ def test_cli_prints_aps_and_writes_json(tmp_path, capsys):
 def test_cli_help_and_error_exit(tmp_path):
     cmd = [sys.executable, "-m", "utils.widerface_eval"]
     help_run = subprocess.run(cmd + ["--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert help_run.returncode == 0 and "--allow_missing" in help_run.stdout
+    assert help_run.returncode == 0 and "--allow_missing" in help_run.stdout and "--image_list" in help_run.stdout
     gt_dir = write_gt(tmp_path / "gt", [("0--Ev", "img", [A], [1])])
     (tmp_path / "pred").mkdir()
     flags = ["--pred", str(tmp_path / "pred"), "--gt", str(gt_dir)]

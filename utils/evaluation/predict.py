@@ -1,6 +1,13 @@
 """Run a FaceDetector over WIDER FACE val images and evaluate the result (used by
 test_widerface.py and test_v1_v2_comparison.py).
 
+The post-processing is the published FeatherFace test_widerface.py's (dohun-mat/FeatherFace;
+read and run to confirm, see tests/goldens/README.md): every anchor scoring above the
+confidence threshold (its top-k line is commented out), NMS whose IoU counts pixels inclusively
+(Fast R-CNN's py_cpu_nms), every survivor kept (its keep-top-k line is commented out too), and
+boxes truncated to integers, x = int(x1), w = int(x2) - int(x1). `PixelNmsDetector` does the
+first three, `to_xywh_score` the last; top-k, keep-top-k and exact float boxes are opt-in.
+
 Predictions go to `<save_folder>/<event>/<image>.txt` in the official layout. A run is
 resumable: images whose prediction file already exists (and parses) are skipped. The settings
 that shape the predictions are kept beside the folder (`<save_folder>_settings.json`) so a
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,15 +25,23 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
+import torch
+from torchvision.ops import nms
 from tqdm import tqdm
 
 from data.preprocess import IMAGE_SUFFIXES
 from utils.errors import FeatherFaceError
 from utils.evaluation.tta import detect_with_tta
-from utils.evaluation.widerface_eval import (WiderFaceEvalError, WiderFaceResult, evaluate_predictions, load_ground_truth,
-                                  prediction_path, read_prediction_file, read_predictions, write_prediction_file)
+from utils.evaluation.widerface_eval import (WiderFaceEvalError, WiderFaceResult, evaluate_predictions, image_key,
+                                             load_ground_truth, prediction_path, read_image_list, read_prediction_file,
+                                             read_predictions, select_images, write_prediction_file)
+from utils.inference.detector import FaceDetector
+from utils.inference.postprocess import WIDER_POSTPROCESS
 
 PathLike = Union[str, Path]
+
+NO_LIMIT = 0  # top_k / keep_top_k value meaning "keep every box", as the published script does
+_ALL = sys.maxsize
 
 
 def list_images(dataset_folder: PathLike, image_list: Optional[PathLike] = None) -> List[str]:
@@ -33,18 +49,7 @@ def list_images(dataset_folder: PathLike, image_list: Optional[PathLike] = None)
     below `dataset_folder` (the WIDER layout `<event>/<image>.jpg`), sorted."""
     root = Path(dataset_folder)
     if image_list is not None:
-        images = []
-        for number, line in enumerate(Path(image_list).read_text().splitlines(), start=1):
-            entry = line.strip().lstrip("/")  # some published lists start lines with "/"
-            if not entry:
-                continue
-            parts = entry.split("/")
-            if len(parts) != 2 or not all(parts) or Path(entry).suffix.lower() not in IMAGE_SUFFIXES:
-                raise FeatherFaceError(f"{image_list}:{number}: expected 'event/name.jpg', got {line.strip()!r}")
-            images.append(entry)
-        if not images:
-            raise FeatherFaceError(f"{image_list} lists no images")
-        return images
+        return read_image_list(image_list, IMAGE_SUFFIXES)
     if not root.is_dir():
         raise FeatherFaceError(f"dataset folder {root} does not exist")
     stray = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -58,23 +63,76 @@ def list_images(dataset_folder: PathLike, image_list: Optional[PathLike] = None)
     return images
 
 
-def image_key(relative_path: str) -> Tuple[str, str]:
-    """`event/name.jpg` -> (event, name): the ground truth's and the prediction file's key."""
-    event, file_name = relative_path.split("/")
-    return event, Path(file_name).stem
+def to_xywh_score(detections: np.ndarray, integer: bool = True) -> np.ndarray:
+    """(K, 15) detector rows -> (K, 5) float64 x, y, w, h, score.
 
-
-def to_xywh_score(detections: np.ndarray, integer: bool = False) -> np.ndarray:
-    """(K, 15) detector rows -> (K, 5) float64 x, y, w, h, score, w = x2 - x1.
-
-    integer=True truncates the corners first, w = int(x2) - int(x1), as RetinaFace's
-    test_widerface.py (biubug6/Pytorch_Retinaface) writes its files.
+    integer=True (the published protocol) truncates the corners toward zero first, as the
+    published test_widerface.py does with int(): x = int(x1), w = int(x2) - int(x1).
+    integer=False keeps exact floats, w = x2 - x1.
     """
     boxes = np.asarray(detections, dtype=np.float64)[:, :5].copy()
     if integer:
         boxes[:, :4] = np.trunc(boxes[:, :4])
     boxes[:, 2:4] -= boxes[:, 0:2]
     return boxes
+
+
+def pixel_nms(detections: np.ndarray, threshold: float) -> np.ndarray:
+    """The rows of (K, 15) detections kept by the published script's NMS, best first.
+
+    Its IoU counts pixels inclusively, area = (x2 - x1 + 1) * (y2 - y1 + 1): the ordinary IoU
+    of the boxes grown by one pixel to the right and bottom. On the four shared WIDER val
+    images the ordinary IoU keeps up to 6 % more boxes than the published files hold.
+    """
+    detections = np.asarray(detections, dtype=np.float32)
+    if len(detections) == 0:
+        return detections
+    rows = torch.from_numpy(np.ascontiguousarray(detections))
+    grown = rows[:, :4].clone()
+    grown[:, 2:] += 1
+    return detections[nms(grown, rows[:, 4], threshold).numpy()]
+
+
+class PixelNmsDetector:
+    """A FaceDetector post-processed as the published test_widerface.py does (module docstring).
+
+    Build it with `published_protocol_detector`: the wrapped detector decodes and thresholds
+    with its own NMS off; `detect_array` then applies `pixel_nms` and the optional keep-top-k.
+    It offers the parts of a FaceDetector that predict_images, detect_with_tta and the comparison
+    script use (the detector's batch methods would skip the published NMS, so they are not here).
+    """
+
+    nms_iou = "pixel_inclusive"  # recorded in the prediction folder's settings
+
+    def __init__(self, detector: FaceDetector, nms_threshold: float, keep_top_k: int = NO_LIMIT) -> None:
+        self.detector = detector
+        self.config, self.backend, self.scale_for = detector.config, detector.backend, detector.scale_for
+        self.image_size, self.max_size = detector.image_size, detector.max_size
+        self.conf, self.top_k = detector.conf, detector.top_k
+        self.nms, self.keep_top_k = nms_threshold, keep_top_k or _ALL
+
+    def detect_array(self, image: np.ndarray, scale: Optional[float] = None) -> np.ndarray:
+        """(K, 15) float32 detections in original pixels, best first."""
+        return pixel_nms(self.detector.detect_array(image, scale), self.nms)[: self.keep_top_k]
+
+
+def published_protocol_detector(weights, backend: str = "auto", device: str = "cpu",
+                                image_size: Optional[int] = None, max_size: Optional[int] = None,
+                                conf: float = WIDER_POSTPROCESS.conf_threshold,
+                                nms_threshold: float = WIDER_POSTPROCESS.nms_threshold, top_k: int = NO_LIMIT,
+                                keep_top_k: int = NO_LIMIT, threads: Optional[int] = None) -> PixelNmsDetector:
+    """The published WIDER protocol's detector; defaults are the published script's settings
+    (original size, confidence 0.02, NMS 0.4, no top-k, no keep-top-k)."""
+    if top_k < 0 or keep_top_k < 0:
+        raise FeatherFaceError(f"top_k and keep_top_k must be >= 0 (0 = no limit), got {top_k} and {keep_top_k}")
+    # An IoU never exceeds 1, so threshold 1.0 suppresses nothing: the wrapper's NMS is the only one.
+    detector = FaceDetector(weights, backend=backend, device=device, image_size=image_size, max_size=max_size,
+                            conf=conf, nms=1.0, top_k=top_k or _ALL, keep_top_k=_ALL, threads=threads)
+    return PixelNmsDetector(detector, nms_threshold, keep_top_k)
+
+
+def _limit(value: int) -> Optional[int]:
+    return None if value >= _ALL else int(value)
 
 
 def file_digest(path: PathLike) -> str:
@@ -87,11 +145,12 @@ def file_digest(path: PathLike) -> str:
 
 
 def detection_settings(detector, model_id: str, flip: bool = False, scales: Optional[Sequence[float]] = None,
-                       integer_boxes: bool = False) -> Dict[str, object]:
-    """Everything that changes the prediction files of a run."""
+                       integer_boxes: bool = True) -> Dict[str, object]:
+    """Everything that changes the prediction files of a run (None = no limit)."""
     return {"model": model_id, "config": detector.config.name, "image_size": detector.image_size,
             "max_size": detector.max_size, "confidence_threshold": detector.conf, "nms_threshold": detector.nms,
-            "top_k": detector.top_k, "keep_top_k": detector.keep_top_k, "flip": bool(flip),
+            "nms_iou": getattr(detector, "nms_iou", "standard"), "top_k": _limit(detector.top_k),
+            "keep_top_k": _limit(detector.keep_top_k), "flip": bool(flip),
             "scales": [float(s) for s in scales] if scales else None, "integer_boxes": bool(integer_boxes)}
 
 
@@ -140,9 +199,10 @@ class PredictionSummary:
 
 def predict_images(detector, dataset_folder: PathLike, images: Sequence[str], save_folder: PathLike,
                    overwrite: bool = False, flip: bool = False, scales: Optional[Sequence[float]] = None,
-                   model_id: Optional[str] = None, integer_boxes: bool = False,
+                   model_id: Optional[str] = None, integer_boxes: bool = True,
                    progress: bool = True) -> PredictionSummary:
     """Write one prediction file per image (0 boxes included); unreadable images get none.
+    integer_boxes: the published integer boxes (default) or exact floats.
 
     With `model_id` the settings are checked against the folder's previous run (check_settings).
     """
@@ -163,7 +223,7 @@ def predict_images(detector, dataset_folder: PathLike, images: Sequence[str], sa
             tqdm.write(f"warning: cannot read image {Path(dataset_folder) / relative}; no prediction file written")
             continue
         detections = detect_with_tta(detector, image, flip, scales)
-        write_prediction_file(out, name, to_xywh_score(detections, integer_boxes))
+        write_prediction_file(out, name, to_xywh_score(detections, integer_boxes), integer_boxes)
         summary.seconds += time.perf_counter() - start
         summary.written += 1
     return summary
@@ -178,12 +238,7 @@ def evaluate_images(pred_dir: PathLike, gt_dir: PathLike, images: Optional[Seque
     gt = load_ground_truth(gt_dir)
     total = len(gt)
     if images is not None:
-        wanted = {image_key(r) for r in images}
-        gt = tuple(g for g in gt if (g.event, g.name) in wanted)
-        unknown = sorted(wanted - {(g.event, g.name) for g in gt})
-        if unknown:
-            raise WiderFaceEvalError(f"{len(unknown)} listed image(s) are not in the ground truth of {gt_dir}, "
-                                     f"e.g. {'/'.join(unknown[0])}")
+        gt = select_images(gt, images)
     missing = [g for g in gt if not prediction_path(pred_dir, g.event, g.name).is_file()]
     if missing and not allow_missing:
         raise WiderFaceEvalError(

@@ -6,7 +6,8 @@ Reproduces the official MATLAB `eval_tools` (Shuo Yang, 2015) and its widely use
   x y w h) and `wider_{easy,medium,hard}_val.mat` (`gt_list`: 1-based indices of the faces that
   count in that setting; every other face is ignored);
 * predictions from `<pred_dir>/<event>/<image>.txt` (line 1 image name, line 2 box count, then
-  one `x y w h score` line per box);
+  one `x y w h score` line per box); an image list (`--image_list`) restricts the ground truth to
+  those images, so a subset is scored against its own faces only;
 * scores min-max normalised over all predictions of all images;
 * every prediction is matched to the ground-truth face of highest IoU (pixel convention:
   x2 = x + w, area = (x2 - x1 + 1) * (y2 - y1 + 1)); with IoU >= 0.5 and an ignored face it is
@@ -36,7 +37,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy.io import loadmat
@@ -156,8 +157,55 @@ def _load_ground_truth_cached(gt_dir: str) -> Tuple[GroundTruthImage, ...]:
 
 
 def load_ground_truth(gt_dir: PathLike) -> Tuple[GroundTruthImage, ...]:
-    """All validation images in the official order, read once per process (arrays read-only)."""
+    """All validation images in the official order, read once per process (arrays read-only).
+
+    A folder that does not exist, or a missing or malformed .mat file, is a WiderFaceEvalError
+    naming it.
+    """
+    if not Path(gt_dir).is_dir():
+        raise WiderFaceEvalError(f"ground-truth folder {gt_dir} does not exist "
+                                 f"(expected {', '.join(GT_FILES.values())} in it)")
     return _load_ground_truth_cached(str(Path(gt_dir).resolve()))
+
+
+def read_image_list(path: PathLike, suffixes: Optional[Sequence[str]] = None) -> List[str]:
+    """Relative image paths `event/name.jpg`, one per line (blank lines skipped, a leading "/"
+    as in some published lists dropped); `suffixes` (lower case) limits the file types."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WiderFaceEvalError(f"cannot read image list {path}: {exc}") from None
+    images = []
+    for number, line in enumerate(lines, start=1):
+        entry = line.strip().lstrip("/")
+        if not entry:
+            continue
+        parts, suffix = entry.split("/"), Path(entry).suffix.lower()
+        if len(parts) != 2 or not all(parts) or not suffix or (suffixes is not None and suffix not in suffixes):
+            raise WiderFaceEvalError(f"{path}:{number}: expected 'event/name.jpg', got {line.strip()!r}")
+        images.append(entry)
+    if not images:
+        raise WiderFaceEvalError(f"{path} lists no images")
+    return images
+
+
+def image_key(relative_path: str) -> Tuple[str, str]:
+    """`event/name.jpg` -> (event, name): the ground truth's and the prediction file's key."""
+    event, file_name = relative_path.split("/")
+    return event, Path(file_name).stem
+
+
+def select_images(gt: Sequence[GroundTruthImage], images: Sequence[str]) -> Tuple[GroundTruthImage, ...]:
+    """The ground-truth images named by relative paths `event/name.jpg`, in the official order;
+    a name that is not a val image is an error."""
+    wanted = {image_key(r) for r in images}
+    selected = tuple(g for g in gt if (g.event, g.name) in wanted)
+    unknown = sorted(wanted - {(g.event, g.name) for g in selected})
+    if unknown:
+        raise WiderFaceEvalError(f"{len(unknown)} listed image(s) are not in the validation ground truth, "
+                                 f"e.g. {'/'.join(unknown[0])}")
+    return selected
 
 
 # ------------------------------------------------------------------------------ predictions
@@ -201,13 +249,23 @@ def read_prediction_file(path: PathLike) -> np.ndarray:
     raise WiderFaceEvalError(f"{path}: cannot parse the boxes")  # unreachable in practice
 
 
-def write_prediction_file(path: PathLike, image_name: str, boxes: np.ndarray) -> None:
-    """Write (K, 5) x, y, w, h, score boxes in the official layout (exact float round trip)."""
+def write_prediction_file(path: PathLike, image_name: str, boxes: np.ndarray, integer_boxes: bool = False) -> None:
+    """Write (K, 5) x, y, w, h, score boxes in the official layout.
+
+    Default: every value as an exact float round trip. integer_boxes=True writes the lines of
+    the published test_widerface.py: x y w h as integers (they must already be integral) and
+    the score as `str(np.float32(score))`.
+    """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [image_name, str(len(boxes))]
-    lines += [" ".join(repr(float(v)) for v in row) for row in boxes]
+    if integer_boxes:
+        if not np.array_equal(boxes[:, :4], np.trunc(boxes[:, :4])):
+            raise ValueError("integer_boxes=True needs integral x, y, w, h")
+        lines += [" ".join([*(str(int(v)) for v in row[:4]), str(np.float32(row[4]))]) for row in boxes]
+    else:
+        lines += [" ".join(repr(float(v)) for v in row) for row in boxes]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -375,10 +433,17 @@ def evaluate_predictions(
 
 
 def evaluate(
-    pred_dir: PathLike, gt_dir: PathLike, allow_missing: bool = False, iou_thresh: float = 0.5
+    pred_dir: PathLike, gt_dir: PathLike, allow_missing: bool = False, iou_thresh: float = 0.5,
+    images: Optional[Sequence[str]] = None,
 ) -> WiderFaceResult:
-    """Official easy / medium / hard AP of a folder of `<event>/<image>.txt` prediction files."""
+    """Official easy / medium / hard AP of a folder of `<event>/<image>.txt` prediction files.
+
+    `images` (relative paths `event/name.jpg`) restricts the ground truth to those images, so a
+    subset is scored against its own faces only; None evaluates the whole val set.
+    """
     gt = load_ground_truth(gt_dir)
+    if images is not None:
+        gt = select_images(gt, images)
     if not Path(pred_dir).is_dir():
         raise WiderFaceEvalError(f"prediction folder {pred_dir} does not exist")
     return evaluate_predictions(read_predictions(pred_dir, gt, allow_missing), gt, iou_thresh, allow_missing)
@@ -395,6 +460,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", type=str, default=None, help="also write the three APs to this JSON file")
     parser.add_argument("--allow_missing", action="store_true", help="count a missing prediction file as no detections")
+    parser.add_argument("--image_list", type=str, default=None,
+                        help="only these images (lines 'event/name.jpg'); evaluation is restricted to them")
     parser.add_argument(
         "--iou_thresh", type=float, default=0.5, help="IoU for a detection to match a face (official: 0.5)"
     )
@@ -402,7 +469,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> WiderFaceResult:
-    result = evaluate(args.pred, args.gt, allow_missing=args.allow_missing, iou_thresh=args.iou_thresh)
+    images = read_image_list(args.image_list) if args.image_list else None
+    result = evaluate(args.pred, args.gt, allow_missing=args.allow_missing, iou_thresh=args.iou_thresh, images=images)
+    if images is not None:
+        print(f"evaluated on {len(images)} listed image(s)")
     for setting in SETTINGS:
         print(f"{setting.capitalize():<6} Val AP: {result[setting]:.4f}")
     if args.json:
