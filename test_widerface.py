@@ -20,10 +20,11 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from utils.inference.detector import FaceDetector
 from utils.inference.postprocess import WIDER_POSTPROCESS
 from utils.errors import FeatherFaceError, run_cli
 from utils.evaluation.pr_plot import save_pr_curves
-from utils.evaluation.predict import (NO_LIMIT, PixelNmsDetector, evaluate_images, file_digest, list_images,
+from utils.evaluation.predict import (NO_LIMIT, evaluate_images, file_digest, list_images,
                                       predict_images, published_protocol_detector)
 from utils.evaluation.widerface_eval import SETTINGS, load_ground_truth, select_images
 
@@ -75,7 +76,7 @@ def input_size(args: argparse.Namespace) -> Tuple[Optional[int], Optional[int]]:
 
 
 def build_detector(args: argparse.Namespace, weights: Union[str, Path, nn.Module],
-                   backend: str = "auto") -> PixelNmsDetector:
+                   backend: str = "auto") -> FaceDetector:
     """The published protocol's detector with this run's resize and thresholds (backend "auto": by suffix)."""
     image_size, max_size = input_size(args)
     return published_protocol_detector(weights, backend, args.device, image_size, max_size, args.confidence_threshold,
@@ -83,7 +84,7 @@ def build_detector(args: argparse.Namespace, weights: Union[str, Path, nn.Module
                                        threads=getattr(args, "threads", None))
 
 
-def run_widerface(args: argparse.Namespace, detector: PixelNmsDetector, label: str, model_id: str, save_folder: Path,
+def run_widerface(args: argparse.Namespace, detector: FaceDetector, label: str, model_id: str, save_folder: Path,
                   results_json: Optional[Path] = None, pr_curve: Optional[Path] = None) -> Dict[str, object]:
     """Predict the images (resuming), report, and with --gt_dir evaluate and save JSON + PNG.
 

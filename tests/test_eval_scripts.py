@@ -24,10 +24,11 @@ from tests.conftest import ROOT, shared_path
 from utils.checkpoint import save_checkpoint
 from utils.errors import FeatherFaceError, run_cli
 from utils.evaluation.pr_plot import SETTING_COLORS, Curve, draw_pr_curves, save_pr_curves
+from utils.inference.postprocess import PostProcessConfig
 from utils.evaluation.tta import detect_with_tta, merge_detections, mirror_detections
 from utils.evaluation.widerface_eval import (SETTINGS, WiderFaceEvalError, evaluate_predictions, load_ground_truth,
                                   read_prediction_file, read_predictions)
-from utils.evaluation.predict import (evaluate_images, image_key, list_images, pixel_nms, published_protocol_detector,
+from utils.evaluation.predict import (evaluate_images, image_key, list_images, published_protocol_detector,
                                       to_xywh_score)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,7 +130,7 @@ def test_mirror_detections_exact():
 class BrightBoxDetector:
     """Stub FaceDetector: 'detects' the bright rectangle of an image; records the scales asked for."""
 
-    nms, keep_top_k = 0.4, 750
+    postprocess = PostProcessConfig(nms_threshold=0.4, keep_top_k=750)
 
     def __init__(self, base_scale: float = 1.0):
         self.base_scale, self.scales = base_scale, []
@@ -196,6 +197,11 @@ def inclusive_pixel_nms(dets: np.ndarray, threshold: float) -> list:
         inter = w * h
         order = [j for j, o in zip(order, inter / (areas[i] + areas[order] - inter)) if o <= threshold]
     return keep
+
+
+def pixel_nms(dets: np.ndarray, threshold: float) -> np.ndarray:
+    """The library's inclusive-pixel NMS (the one FaceDetector runs with WIDER_POSTPROCESS)."""
+    return merge_detections([dets], threshold, None, pixel_inclusive_nms=True)
 
 
 def test_pixel_nms_counts_pixels_inclusively():

@@ -5,8 +5,9 @@ The post-processing is the published FeatherFace test_widerface.py's (dohun-mat/
 read and run to confirm, see tests/goldens/README.md): every anchor scoring above the
 confidence threshold (its top-k line is commented out), NMS whose IoU counts pixels inclusively
 (Fast R-CNN's py_cpu_nms), every survivor kept (its keep-top-k line is commented out too), and
-boxes truncated to integers, x = int(x1), w = int(x2) - int(x1). `PixelNmsDetector` does the
-first three, `to_xywh_score` the last; top-k, keep-top-k and exact float boxes are opt-in.
+boxes truncated to integers, x = int(x1), w = int(x2) - int(x1). `published_protocol_detector`
+(a FaceDetector with WIDER_POSTPROCESS) does the first three, `to_xywh_score` the last; top-k,
+keep-top-k and exact float boxes are opt-in.
 
 Predictions go to `<save_folder>/<event>/<image>.txt` in the official layout. A run is
 resumable: images whose prediction file already exists (and parses) are skipped. The settings
@@ -15,9 +16,9 @@ resumed run with other settings stops instead of mixing two runs' files.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,8 +26,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
-import torch
-from torchvision.ops import nms
 from tqdm import tqdm
 
 from data.preprocess import IMAGE_SUFFIXES
@@ -41,7 +40,6 @@ from utils.inference.postprocess import WIDER_POSTPROCESS
 PathLike = Union[str, Path]
 
 NO_LIMIT = 0  # top_k / keep_top_k value meaning "keep every box", as the published script does
-_ALL = sys.maxsize
 
 
 def list_images(dataset_folder: PathLike, image_list: Optional[PathLike] = None) -> List[str]:
@@ -77,62 +75,20 @@ def to_xywh_score(detections: np.ndarray, integer: bool = True) -> np.ndarray:
     return boxes
 
 
-def pixel_nms(detections: np.ndarray, threshold: float) -> np.ndarray:
-    """The rows of (K, 15) detections kept by the published script's NMS, best first.
-
-    Its IoU counts pixels inclusively, area = (x2 - x1 + 1) * (y2 - y1 + 1): the ordinary IoU
-    of the boxes grown by one pixel to the right and bottom. On the four shared WIDER val
-    images the ordinary IoU keeps up to 6 % more boxes than the published files hold.
-    """
-    detections = np.asarray(detections, dtype=np.float32)
-    if len(detections) == 0:
-        return detections
-    rows = torch.from_numpy(np.ascontiguousarray(detections))
-    grown = rows[:, :4].clone()
-    grown[:, 2:] += 1
-    return detections[nms(grown, rows[:, 4], threshold).numpy()]
-
-
-class PixelNmsDetector:
-    """A FaceDetector post-processed as the published test_widerface.py does (module docstring).
-
-    Build it with `published_protocol_detector`: the wrapped detector decodes and thresholds
-    with its own NMS off; `detect_array` then applies `pixel_nms` and the optional keep-top-k.
-    It offers the parts of a FaceDetector that predict_images, detect_with_tta and the comparison
-    script use (the detector's batch methods would skip the published NMS, so they are not here).
-    """
-
-    nms_iou = "pixel_inclusive"  # recorded in the prediction folder's settings
-
-    def __init__(self, detector: FaceDetector, nms_threshold: float, keep_top_k: int = NO_LIMIT) -> None:
-        self.detector = detector
-        self.config, self.backend, self.scale_for = detector.config, detector.backend, detector.scale_for
-        self.image_size, self.max_size = detector.image_size, detector.max_size
-        self.conf, self.top_k = detector.conf, detector.top_k
-        self.nms, self.keep_top_k = nms_threshold, keep_top_k or _ALL
-
-    def detect_array(self, image: np.ndarray, scale: Optional[float] = None) -> np.ndarray:
-        """(K, 15) float32 detections in original pixels, best first."""
-        return pixel_nms(self.detector.detect_array(image, scale), self.nms)[: self.keep_top_k]
-
-
 def published_protocol_detector(weights, backend: str = "auto", device: str = "cpu",
                                 image_size: Optional[int] = None, max_size: Optional[int] = None,
                                 conf: float = WIDER_POSTPROCESS.conf_threshold,
                                 nms_threshold: float = WIDER_POSTPROCESS.nms_threshold, top_k: int = NO_LIMIT,
-                                keep_top_k: int = NO_LIMIT, threads: Optional[int] = None) -> PixelNmsDetector:
-    """The published WIDER protocol's detector; defaults are the published script's settings
-    (original size, confidence 0.02, NMS 0.4, no top-k, no keep-top-k)."""
+                                keep_top_k: int = NO_LIMIT, threads: Optional[int] = None) -> FaceDetector:
+    """A FaceDetector post-processing as the published script does (WIDER_POSTPROCESS, with
+    inclusive-pixel NMS); defaults are its settings (original size, confidence 0.02, NMS 0.4, no
+    top-k, no keep-top-k). top_k / keep_top_k 0 = no limit."""
     if top_k < 0 or keep_top_k < 0:
         raise FeatherFaceError(f"top_k and keep_top_k must be >= 0 (0 = no limit), got {top_k} and {keep_top_k}")
-    # An IoU never exceeds 1, so threshold 1.0 suppresses nothing: the wrapper's NMS is the only one.
-    detector = FaceDetector(weights, backend=backend, device=device, image_size=image_size, max_size=max_size,
-                            conf=conf, nms=1.0, top_k=top_k or _ALL, keep_top_k=_ALL, threads=threads)
-    return PixelNmsDetector(detector, nms_threshold, keep_top_k)
-
-
-def _limit(value: int) -> Optional[int]:
-    return None if value >= _ALL else int(value)
+    settings = dataclasses.replace(WIDER_POSTPROCESS, conf_threshold=conf, nms_threshold=nms_threshold,
+                                   top_k=top_k or None, keep_top_k=keep_top_k or None)
+    return FaceDetector.with_settings(weights, settings, backend=backend, device=device, image_size=image_size,
+                                      max_size=max_size, threads=threads)
 
 
 def file_digest(path: PathLike) -> str:
@@ -149,8 +105,8 @@ def detection_settings(detector, model_id: str, flip: bool = False, scales: Opti
     """Everything that changes the prediction files of a run (None = no limit)."""
     return {"model": model_id, "config": detector.config.name, "image_size": detector.image_size,
             "max_size": detector.max_size, "confidence_threshold": detector.conf, "nms_threshold": detector.nms,
-            "nms_iou": getattr(detector, "nms_iou", "standard"), "top_k": _limit(detector.top_k),
-            "keep_top_k": _limit(detector.keep_top_k), "flip": bool(flip),
+            "nms_iou": "pixel_inclusive" if detector.postprocess.pixel_inclusive_nms else "standard",
+            "top_k": detector.top_k, "keep_top_k": detector.keep_top_k, "flip": bool(flip),
             "scales": [float(s) for s in scales] if scales else None, "integer_boxes": bool(integer_boxes)}
 
 

@@ -11,10 +11,9 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 import torch
-from torchvision.ops import nms
 
 from data.augment import LANDMARK_FLIP_ORDER
-from utils.inference.postprocess import DETECTION_COLUMNS
+from utils.inference.postprocess import DETECTION_COLUMNS, nms_order
 
 
 def mirror_detections(detections: np.ndarray, width: int) -> np.ndarray:
@@ -33,14 +32,15 @@ def mirror_detections(detections: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def merge_detections(parts: Sequence[np.ndarray], nms_threshold: float, keep_top_k: int) -> np.ndarray:
+def merge_detections(parts: Sequence[np.ndarray], nms_threshold: float, keep_top_k: Optional[int],
+                     pixel_inclusive_nms: bool = False) -> np.ndarray:
     """Pool (K_i, 15) detections of several passes and keep the NMS survivors, best first."""
     pooled = [np.asarray(p, dtype=np.float32).reshape(-1, DETECTION_COLUMNS) for p in parts]
     detections = np.concatenate(pooled) if pooled else np.zeros((0, DETECTION_COLUMNS), np.float32)
     if len(detections) == 0:
         return detections
     rows = torch.from_numpy(detections)
-    kept = nms(rows[:, :4], rows[:, 4], nms_threshold)[:keep_top_k]  # sorted by score
+    kept = nms_order(rows[:, :4], rows[:, 4], nms_threshold, pixel_inclusive_nms)[:keep_top_k]  # best first
     return detections[kept.numpy()]
 
 
@@ -64,4 +64,5 @@ def detect_with_tta(detector, image: np.ndarray, flip: bool = False,
         parts.append(detector.detect_array(image, scale=base * factor))
         if flip:
             parts.append(mirror_detections(detector.detect_array(mirrored, scale=base * factor), image.shape[1]))
-    return merge_detections(parts, detector.nms, detector.keep_top_k)
+    settings = detector.postprocess
+    return merge_detections(parts, settings.nms_threshold, settings.keep_top_k, settings.pixel_inclusive_nms)

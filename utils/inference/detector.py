@@ -11,6 +11,7 @@ the network call differs between the PyTorch and ONNX Runtime backends.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from data.preprocess import preprocess, resize_scale
 from layers.prior_box import prior_boxes_for
 from utils.errors import FeatherFaceError
 from utils.deploy.fuse import fuse_batchnorm
-from utils.inference.postprocess import DEMO_POSTPROCESS, detect_faces
+from utils.inference.postprocess import DEMO_POSTPROCESS, PostProcessConfig, detect_faces
 
 # The published FeatherFace, converted and shipped with the repository (weights/README.md).
 PUBLISHED_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "featherface_v1_original.pth"
@@ -141,10 +142,10 @@ class FaceDetector:
 
     def __init__(self, weights: Union[str, Path, nn.Module], backend: str = "torch", device: str = "cpu",
                  image_size: Optional[int] = None, conf: float = DEMO_POSTPROCESS.conf_threshold,
-                 nms: float = DEMO_POSTPROCESS.nms_threshold, top_k: int = DEMO_POSTPROCESS.top_k,
-                 keep_top_k: int = DEMO_POSTPROCESS.keep_top_k, max_size: Optional[int] = None,
-                 threads: Optional[int] = None,
-                 fuse: bool = True, channels_last: Optional[bool] = None) -> None:
+                 nms: float = DEMO_POSTPROCESS.nms_threshold, top_k: Optional[int] = DEMO_POSTPROCESS.top_k,
+                 keep_top_k: Optional[int] = DEMO_POSTPROCESS.keep_top_k, max_size: Optional[int] = None,
+                 threads: Optional[int] = None, fuse: bool = True, channels_last: Optional[bool] = None,
+                 pixel_inclusive_nms: bool = DEMO_POSTPROCESS.pixel_inclusive_nms) -> None:
         if backend == "auto":
             backend = backend_for(weights)
         if backend == "torch":
@@ -161,7 +162,20 @@ class FaceDetector:
             raise FeatherFaceError(f"unknown backend {backend!r}; use 'torch', 'onnx' or 'auto'")
         self.config = self.backend.config
         self.image_size, self.max_size = image_size, max_size
-        self.conf, self.nms, self.top_k, self.keep_top_k = conf, nms, top_k, keep_top_k
+        self.postprocess = PostProcessConfig(conf, nms, top_k, keep_top_k, pixel_inclusive_nms)
+
+    # Short names of the post-processing settings (read-only views of self.postprocess).
+    conf = property(lambda self: self.postprocess.conf_threshold)
+    nms = property(lambda self: self.postprocess.nms_threshold)
+    top_k = property(lambda self: self.postprocess.top_k)
+    keep_top_k = property(lambda self: self.postprocess.keep_top_k)
+
+    @classmethod
+    def with_settings(cls, weights: Union[str, Path, nn.Module], settings: PostProcessConfig,
+                      **kwargs) -> "FaceDetector":
+        """A detector post-processing with `settings` (e.g. WIDER_POSTPROCESS for evaluation)."""
+        return cls(weights, conf=settings.conf_threshold, nms=settings.nms_threshold, top_k=settings.top_k,
+                   keep_top_k=settings.keep_top_k, pixel_inclusive_nms=settings.pixel_inclusive_nms, **kwargs)
 
     def scale_for(self, image: np.ndarray) -> float:
         return resize_scale(image.shape[0], image.shape[1], self.image_size, self.max_size)
@@ -179,6 +193,7 @@ class FaceDetector:
         scales = [self.scale_for(im) if scale is None else scale for im in images]
         tensors = [preprocess(im, s) for im, s in zip(images, scales)]
         by_size: Dict[Tuple[int, int], List[int]] = {}
+        detect_kwargs = dataclasses.asdict(self.postprocess)
         for i, t in enumerate(tensors):
             by_size.setdefault((t.shape[1], t.shape[2]), []).append(i)
         results: List[np.ndarray] = [np.empty(0)] * len(images)
@@ -187,7 +202,7 @@ class FaceDetector:
             priors = prior_boxes_for(self.config, size, device=loc.device)  # cached per (H, W)
             for row, i in enumerate(indices):
                 results[i] = detect_faces(loc[row], conf[row], landm[row], priors, self.config.variance, size,
-                                          scales[i], self.conf, self.nms, self.top_k, self.keep_top_k)
+                                          scales[i], **detect_kwargs)
         return results
 
     def detect_array(self, image: np.ndarray, scale: Optional[float] = None) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -27,19 +27,34 @@ DETECTION_COLUMNS = 15
 
 @dataclass(frozen=True)
 class PostProcessConfig:
-    """Decode + NMS settings (RetinaFace's values): the one home of these numbers for the API,
-    the scripts and the ONNX detection graph."""
+    """Decode + NMS settings: the one home of these numbers for the API, the scripts, evaluation
+    and the ONNX detection graph."""
 
     conf_threshold: float = 0.5  # scores <= this are dropped
     nms_threshold: float = 0.4  # NMS IoU
-    top_k: int = 5000  # best-scoring boxes kept before NMS
-    keep_top_k: int = 750  # boxes kept after NMS
+    top_k: Optional[int] = 5000  # best-scoring boxes kept before NMS (None: all)
+    keep_top_k: Optional[int] = 750  # boxes kept after NMS (None: all)
+    # IoU over inclusive pixel areas (x2 - x1 + 1) * (y2 - y1 + 1), as Fast R-CNN's py_cpu_nms
+    # used by the published test_widerface.py; False: torchvision's continuous-coordinate IoU.
+    pixel_inclusive_nms: bool = False
 
 
-# The demo, FaceDetector and the deployment package report confident faces only.
+# The demo, FaceDetector and the deployment package: RetinaFace's demo values.
 DEMO_POSTPROCESS = PostProcessConfig()
-# The WIDER FACE protocol of the published test_widerface.py keeps low scores for the PR curve.
-WIDER_POSTPROCESS = PostProcessConfig(conf_threshold=0.02)
+# The published FeatherFace test_widerface.py (read and run, see tests/goldens/README.md):
+# scores > 0.02, no top-k and no keep-top-k (both lines are commented out there), NMS 0.4 with
+# inclusive-pixel IoU. The paper's WIDER numbers come from this protocol.
+WIDER_POSTPROCESS = PostProcessConfig(conf_threshold=0.02, top_k=None, keep_top_k=None, pixel_inclusive_nms=True)
+
+
+def nms_order(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, pixel_inclusive: bool = False
+              ) -> torch.Tensor:
+    """Indices kept by greedy NMS, highest score first (torchvision's kernel). `pixel_inclusive`
+    grows boxes by one pixel right and bottom, which is exactly py_cpu_nms's inclusive IoU."""
+    if pixel_inclusive:
+        boxes = boxes.clone()
+        boxes[:, 2:] += 1
+    return nms(boxes, scores, threshold)
 
 
 def _as_tensor(x: ArrayLike, name: str, device: torch.device | None = None) -> torch.Tensor:
@@ -65,9 +80,13 @@ def _pixel_factors(image_size: Sequence[int], scale: Scale, device: torch.device
 def detect_faces(loc: ArrayLike, conf: ArrayLike, landm: ArrayLike, priors: ArrayLike,
                  variances: Sequence[float], image_size: Sequence[int], scale: Scale = 1.0,
                  conf_threshold: float = WIDER_POSTPROCESS.conf_threshold,
-                 nms_threshold: float = WIDER_POSTPROCESS.nms_threshold, top_k: int = WIDER_POSTPROCESS.top_k,
-                 keep_top_k: int = WIDER_POSTPROCESS.keep_top_k) -> np.ndarray:
+                 nms_threshold: float = WIDER_POSTPROCESS.nms_threshold,
+                 top_k: Optional[int] = WIDER_POSTPROCESS.top_k, keep_top_k: Optional[int] = WIDER_POSTPROCESS.keep_top_k,
+                 pixel_inclusive_nms: bool = WIDER_POSTPROCESS.pixel_inclusive_nms) -> np.ndarray:
     """Detections of one image -> float32 (K, 15) [x1, y1, x2, y2, score, 10 landmark coords].
+
+    The thresholds are a `PostProcessConfig`'s fields (default: the WIDER protocol's); top_k /
+    keep_top_k None keep every box.
 
     loc (N, 4), conf (N, 2) softmaxed, landm (N, 10) (a leading batch dim of 1 is accepted);
     priors (N, 4); image_size (H, W) of the network input; `scale` is the resize factor
@@ -88,7 +107,7 @@ def detect_faces(loc: ArrayLike, conf: ArrayLike, landm: ArrayLike, priors: Arra
 
     scores = conf[:, 1]
     keep = torch.nonzero(scores > conf_threshold).squeeze(1)
-    if keep.numel() > top_k:
+    if top_k is not None and keep.numel() > top_k:
         keep = keep[scores[keep].topk(top_k).indices]
     if keep.numel() == 0:
         return np.zeros((0, DETECTION_COLUMNS), dtype=np.float32)
@@ -96,7 +115,7 @@ def detect_faces(loc: ArrayLike, conf: ArrayLike, landm: ArrayLike, priors: Arra
     boxes = decode(loc[keep], priors[keep], variances) * factors.repeat(2)
     points = decode_landmarks(landm[keep], priors[keep], variances) * factors.repeat(5)
 
-    kept = nms(boxes, scores, nms_threshold)[:keep_top_k]  # sorted by score, highest first
+    kept = nms_order(boxes, scores, nms_threshold, pixel_inclusive_nms)[:keep_top_k]  # best first
     dets = torch.cat([boxes[kept], scores[kept, None], points[kept]], dim=1)
     return dets.cpu().numpy().astype(np.float32, copy=False)
 
@@ -106,8 +125,10 @@ def detect_faces_batch(loc: ArrayLike, conf: ArrayLike, landm: ArrayLike, priors
                        variances: Sequence[float], image_size: Sequence[int],
                        scale: Union[Scale, Sequence[Scale]] = 1.0,
                        conf_threshold: float = WIDER_POSTPROCESS.conf_threshold,
-                       nms_threshold: float = WIDER_POSTPROCESS.nms_threshold, top_k: int = WIDER_POSTPROCESS.top_k,
-                       keep_top_k: int = WIDER_POSTPROCESS.keep_top_k) -> List[np.ndarray]:
+                       nms_threshold: float = WIDER_POSTPROCESS.nms_threshold,
+                       top_k: Optional[int] = WIDER_POSTPROCESS.top_k,
+                       keep_top_k: Optional[int] = WIDER_POSTPROCESS.keep_top_k,
+                       pixel_inclusive_nms: bool = WIDER_POSTPROCESS.pixel_inclusive_nms) -> List[np.ndarray]:
     """`detect_faces` for each image of loc (B, N, 4), conf (B, N, 2), landm (B, N, 10).
 
     `scale` is one float for the whole batch, or a sequence with one entry (a float or
@@ -123,4 +144,4 @@ def detect_faces_batch(loc: ArrayLike, conf: ArrayLike, landm: ArrayLike, priors
         if len(scales) != batch:
             raise ValueError(f"got {len(scales)} scales for a batch of {batch}")
     return [detect_faces(loc[i], conf[i], landm[i], priors, variances, image_size, scales[i], conf_threshold,
-                         nms_threshold, top_k, keep_top_k) for i in range(batch)]
+                         nms_threshold, top_k, keep_top_k, pixel_inclusive_nms) for i in range(batch)]
