@@ -5,7 +5,8 @@ val data) easy / medium / hard AP.
         --dataset_folder WIDER_val/images --gt_dir ground_truth --output_md comparison.md
     python test_v1_v2_comparison.py --models v1 v2 --runs 20     # random init: size and speed only
 
-The APs come from test_widerface.run_widerface (same detector, same prediction files).
+The APs come from utils.evaluation.run.run_widerface, as in test_widerface.py (same detector, same
+prediction files).
 """
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ import torch
 from torch import nn
 
 from models import build_model, count_parameters
-from test_widerface import add_inference_args, build_detector, run_widerface
 from utils.checkpoint import load_model
 from utils.errors import FeatherFaceError, run_cli
 from utils.timing import count_flops, measure_latency
 from utils.evaluation.widerface_eval import SETTINGS
 from utils.evaluation.predict import file_digest
+from utils.evaluation.run import add_inference_args, build_detector, run_widerface
 
 
 def load_entries(args: argparse.Namespace) -> List[Tuple[str, str, nn.Module]]:

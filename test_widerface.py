@@ -13,113 +13,14 @@ before predicting) the APs (JSON) and the PR curves (PNG) beside the prediction 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict
 
 import torch
-from torch import nn
 
-from utils.inference.detector import FaceDetector
-from utils.inference.postprocess import WIDER_POSTPROCESS
 from utils.errors import FeatherFaceError, run_cli
-from utils.evaluation.pr_plot import save_pr_curves
-from utils.evaluation.predict import (NO_LIMIT, evaluate_images, file_digest, list_images,
-                                      predict_images, published_protocol_detector)
-from utils.evaluation.widerface_eval import SETTINGS, load_ground_truth, select_images
-
-RETINAFACE_RESIZE = (1600, 2150)  # short side / long-side cap of RetinaFace's test_widerface.py
-
-
-def add_inference_args(parser: argparse.ArgumentParser, require_dataset: bool = True) -> None:
-    """Dataset, resize, threshold and TTA flags (shared with test_v1_v2_comparison.py)."""
-    parser.add_argument("--dataset_folder", type=str, required=require_dataset, default=None,
-                        help="WIDER_val/images (<event>/<image>.jpg)")
-    parser.add_argument("--image_list", type=str, default=None,
-                        help="only these images (lines 'event/name.jpg'); evaluation is restricted to them")
-    parser.add_argument("--gt_dir", type=str, default=None, help="folder with wider_face_val.mat and wider_*_val.mat")
-    parser.add_argument("--allow_missing", action="store_true", help="count images without predictions as no faces")
-    parser.add_argument("--origin_size", action=argparse.BooleanOptionalAction, default=None,
-                        help="run at the original image size (default: yes; --no-origin_size resizes like "
-                             "RetinaFace: short side 1600, long side <= 2150)")
-    parser.add_argument("--image_size", type=int, default=None, help="resize the short side to this many pixels")
-    parser.add_argument("--max_size", type=int, default=None, help="cap on the long side after resizing (pixels)")
-    parser.add_argument("--confidence_threshold", type=float, default=WIDER_POSTPROCESS.conf_threshold,
-                        help="keep scores above this")
-    parser.add_argument("--nms_threshold", type=float, default=WIDER_POSTPROCESS.nms_threshold,
-                        help="NMS IoU threshold (IoU counted in inclusive pixels, as the published script)")
-    # The published script has --top_k 5000 / --keep_top_k 750 flags but applies neither.
-    parser.add_argument("--top_k", type=int, default=NO_LIMIT,
-                        help="best boxes kept before NMS; 0 = all (the published script applies no top-k)")
-    parser.add_argument("--keep_top_k", type=int, default=NO_LIMIT,
-                        help="boxes kept after NMS; 0 = all (the published script applies no keep-top-k)")
-    parser.add_argument("--flip", action="store_true", help="test-time augmentation: add a mirrored pass")
-    parser.add_argument("--scales", type=float, nargs="+", default=None,
-                        help="test-time augmentation: resize factors on top of the base size, e.g. 0.5 1 1.5")
-    parser.add_argument("--float_boxes", action="store_true",
-                        help="write exact float boxes (default: the published integer boxes, x = int(x1), "
-                             "w = int(x2) - int(x1))")
-    parser.add_argument("--device", type=str, default="cpu", help="torch device (cpu, cuda, cuda:1)")
-    parser.add_argument("--overwrite", action="store_true", help="predict again even where a file exists")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def input_size(args: argparse.Namespace) -> Tuple[Optional[int], Optional[int]]:
-    """(image_size, max_size) for the detector from --origin_size / --image_size / --max_size."""
-    if args.image_size is not None:
-        if args.origin_size:
-            raise FeatherFaceError("--origin_size and --image_size exclude each other; give one")
-        return args.image_size, args.max_size
-    if args.origin_size is False:
-        return RETINAFACE_RESIZE[0], args.max_size or RETINAFACE_RESIZE[1]
-    return None, args.max_size
-
-
-def build_detector(args: argparse.Namespace, weights: Union[str, Path, nn.Module],
-                   backend: str = "auto") -> FaceDetector:
-    """The published protocol's detector with this run's resize and thresholds (backend "auto": by suffix)."""
-    image_size, max_size = input_size(args)
-    return published_protocol_detector(weights, backend, args.device, image_size, max_size, args.confidence_threshold,
-                                       args.nms_threshold, args.top_k, args.keep_top_k,
-                                       threads=getattr(args, "threads", None))
-
-
-def run_widerface(args: argparse.Namespace, detector: FaceDetector, label: str, model_id: str, save_folder: Path,
-                  results_json: Optional[Path] = None, pr_curve: Optional[Path] = None) -> Dict[str, object]:
-    """Predict the images (resuming), report, and with --gt_dir evaluate and save JSON + PNG.
-
-    `model_id` identifies the weights in the folder's settings record (a resumed run must match).
-    """
-    if args.dataset_folder is None:
-        raise FeatherFaceError("--dataset_folder is required (WIDER_val/images)")
-    images = list_images(args.dataset_folder, args.image_list)
-    if args.gt_dir is not None:  # a wrong --gt_dir or image list fails now, not after every image has run
-        gt = load_ground_truth(args.gt_dir)
-        if args.image_list:
-            select_images(gt, images)
-    summary = predict_images(detector, args.dataset_folder, images, save_folder, args.overwrite, args.flip,
-                             args.scales, model_id, not args.float_boxes, progress=not args.quiet)
-    print(f"{label}: {summary.written} image(s) predicted, {summary.skipped} already done"
-          + (f", {summary.seconds_per_image:.3f} s/image" if summary.written else "") + f" -> {save_folder}")
-    if summary.unreadable:
-        print(f"{len(summary.unreadable)} unreadable image(s), no prediction file written:\n  "
-              + "\n  ".join(summary.unreadable))
-    results: Dict[str, object] = {"prediction": summary.to_dict()}
-    if args.gt_dir is None:
-        return results
-    subset = images if args.image_list else None
-    result, evaluated, total = evaluate_images(save_folder, args.gt_dir, subset, args.allow_missing)
-    print(f"evaluated on {evaluated} of {total} val images")
-    for setting in SETTINGS:
-        print(f"{setting.capitalize():<6} Val AP: {result[setting]:.4f}")
-    results.update(result.to_dict(), images_evaluated=evaluated, images_total=total, result=result)
-    results_json = results_json or save_folder.parent / "results.json"
-    results_json.parent.mkdir(parents=True, exist_ok=True)
-    results_json.write_text(json.dumps({k: v for k, v in results.items() if k != "result"}, indent=2) + "\n")
-    pr_curve = save_pr_curves(result, pr_curve or results_json.with_name("pr_curves.png"),
-                              f"{label}: WIDER FACE val ({evaluated} images)")
-    print(f"wrote {results_json} and {pr_curve}")
-    return results
+from utils.evaluation.predict import file_digest
+from utils.evaluation.run import add_inference_args, build_detector, run_widerface
 
 
 def get_args_parser() -> argparse.ArgumentParser:

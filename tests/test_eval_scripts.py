@@ -25,6 +25,7 @@ from utils.checkpoint import save_checkpoint
 from utils.errors import FeatherFaceError, run_cli
 from utils.evaluation.pr_plot import SETTING_COLORS, Curve, draw_pr_curves, save_pr_curves
 from utils.inference.postprocess import PostProcessConfig
+from utils.evaluation.run import input_size
 from utils.evaluation.tta import detect_with_tta, merge_detections, mirror_detections
 from utils.evaluation.widerface_eval import (SETTINGS, WiderFaceEvalError, evaluate_predictions, load_ground_truth,
                                   read_prediction_file, read_predictions)
@@ -76,12 +77,12 @@ def test_comparison_help(capsys):
 def test_resize_flags():
     parse = test_widerface.get_args_parser().parse_args
     base = ["--weights", "w.pth", "--dataset_folder", "d"]
-    assert test_widerface.input_size(parse(base)) == (None, None)
-    assert test_widerface.input_size(parse(base + ["--origin_size", "--max_size", "1024"])) == (None, 1024)
-    assert test_widerface.input_size(parse(base + ["--no-origin_size"])) == (1600, 2150)
-    assert test_widerface.input_size(parse(base + ["--image_size", "640", "--max_size", "1024"])) == (640, 1024)
+    assert input_size(parse(base)) == (None, None)
+    assert input_size(parse(base + ["--origin_size", "--max_size", "1024"])) == (None, 1024)
+    assert input_size(parse(base + ["--no-origin_size"])) == (1600, 2150)
+    assert input_size(parse(base + ["--image_size", "640", "--max_size", "1024"])) == (640, 1024)
     with pytest.raises(FeatherFaceError, match="exclude each other"):
-        test_widerface.input_size(parse(base + ["--origin_size", "--image_size", "640"]))
+        input_size(parse(base + ["--origin_size", "--image_size", "640"]))
 
 
 def test_missing_weights_is_one_line_error(tmp_path, capsys):
