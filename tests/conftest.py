@@ -55,10 +55,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def real_checkpoint(tmp_path_factory) -> Path:
-    """Our checkpoint of the published trained v1_original, converted from ../shared once per run."""
-    from utils.convert_official import convert_file
+def real_checkpoint() -> Path:
+    """Our checkpoint of the published trained v1_original, shipped in weights/ (test_convert_official
+    checks that converting the published file reproduces it)."""
+    from utils.inference.detector import PUBLISHED_WEIGHTS
 
-    path = tmp_path_factory.mktemp("weights") / "v1_original.pth"
-    convert_file(shared_path("weights", "featherface_v1_original_widerface.pth"), path)
-    return path
+    return PUBLISHED_WEIGHTS
