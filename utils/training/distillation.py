@@ -14,7 +14,6 @@ from data.mixing import cutmix, mixup
 from layers.alpha_schedule import DynamicAlpha
 from layers.distillation import DistillationLoss, combine
 from layers.early_stopping import SmartEarlyStopping
-from layers.training_monitor import TrainingMonitor
 from utils.checkpoint import load_model, unwrap
 from utils.errors import CheckpointError
 from utils.training.trainer import Trainer
@@ -42,7 +41,6 @@ class DistillationTrainer(Trainer):
         self.stopper = SmartEarlyStopping(args.early_stopping_patience, args.min_epoch)
         super().__init__(args, model)
         self.teacher = load_teacher(args.teacher_model, unwrap(self.model).config, self.device)
-        self.monitor = TrainingMonitor(args.epochs, None, self.log)  # Trainer already logs scalars
 
     def compute_loss(self, images: torch.Tensor, targets: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
         args, state = self.args, self.state
@@ -68,6 +66,8 @@ class DistillationTrainer(Trainer):
         self.monitor.log_step(self.state.iteration, parts["grad_norm"], {}, self.optimizer.param_groups[0]["lr"])
 
     def on_epoch_end(self, metrics: Dict[str, float]) -> Optional[str]:
+        # Under DDP the metrics are reduced over ranks and rank 0's decisions (alpha, early
+        # stopping) are broadcast by Trainer.share_decisions, so every rank agrees.
         epoch = self.state.epoch
         # One declared metric (Trainer.selection, the one best.pth follows): val AP@0.5, else the
         # val loss, else the training task loss. Epochs between validations change nothing.
@@ -83,7 +83,7 @@ class DistillationTrainer(Trainer):
             stop = self.stopper.step(epoch, math.inf, value)  # the AP alone decides
         else:
             stop = self.stopper.step(epoch, value)
-        self.monitor.end_epoch(epoch, {"watched_loss": watched, "alpha": metrics["alpha"]})  # logs its own line
+        metrics["watched_loss"] = watched  # the Trainer's monitor logs the epoch line
         return self.stopper.reason if stop else None
 
     def extra_state(self) -> Dict[str, Any]:

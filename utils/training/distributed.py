@@ -45,9 +45,10 @@ def reduce_sums(values: Mapping[str, float], op: str = "sum") -> Dict[str, float
     if not is_distributed():
         return {k: float(v) for k, v in values.items()}
     names = sorted(values)
-    # The names go along, so a rank that logs another set of parts fails loudly, not silently.
-    if broadcast_object(names) != names:
-        raise RuntimeError(f"ranks reduce different metrics: rank {get_rank()} has {names}")
+    # The names go along, so ranks that log other sets of parts all fail loudly, not silently.
+    every = all_gather_object(names)
+    if any(other != names for other in every):
+        raise RuntimeError(f"ranks reduce different metrics: {every}")
     tensor = torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return dict(zip(names, tensor.tolist()))

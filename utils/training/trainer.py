@@ -224,6 +224,9 @@ class RunState:
     history: List[Dict[str, float]] = field(default_factory=list)
     stop_reason: str = ""
     skipped_steps: int = 0  # optimizer steps skipped because the gradients were not finite
+    # Loss sums and counts (over all ranks) of the batches of `epoch` already done, so that a
+    # mid-epoch resume averages the whole epoch, as the uninterrupted run does.
+    epoch_partial: Dict[str, Dict[str, float]] = field(default_factory=dict)
 
 
 class Trainer:
@@ -492,8 +495,10 @@ class Trainer:
                             # RNG (DropBlock uses it), or a resumed run would diverge.
                             generator=torch.Generator().manual_seed(args.seed + state.epoch))
         self.model.train()
-        sums: Dict[str, float] = {}
-        counts: Dict[str, int] = {}
+        # Resumed mid-epoch: rank 0 carries the saved sums, the others the same names at zero.
+        partial, state.epoch_partial = state.epoch_partial, {}
+        sums = {k: v if self.is_main else 0.0 for k, v in partial.get("sums", {}).items()}
+        counts = {k: n if self.is_main else 0 for k, n in partial.get("counts", {}).items()}
         steps, images_seen, start = 0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{args.epochs}", initial=state.epoch_iter,
                    total=self.iters_per_epoch, disable=args.quiet or not self.is_main, dynamic_ncols=True)
@@ -521,6 +526,9 @@ class Trainer:
         metrics = {k: totals[k] / totals[f"{k}/count"] if totals[f"{k}/count"] else math.nan for k in sums}
         metrics["images_per_s"] = totals["/images"] / max(elapsed, 1e-9)
         metrics["epoch_time_s"] = elapsed  # the training loop only (validation: val_time_s)
+        if state.epoch_iter < self.iters_per_epoch:  # stopped inside the epoch (--max_iters)
+            state.epoch_partial = {"sums": {k: totals[k] for k in sums},
+                                   "counts": {k: totals[f"{k}/count"] for k in sums}}
         if self.state.skipped_steps:
             metrics["skipped_steps"] = float(self.state.skipped_steps)
         return metrics
