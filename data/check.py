@@ -70,9 +70,9 @@ class CheckReport:
 
     def timing(self) -> str:
         """One line: how long the check took and how fast it decoded."""
-        rate = f" ({self.decoded / max(self.seconds, 1e-9):.0f} images/s)" if self.decoded else ""
-        return (f"data check: {self.num_images} images in {self.seconds:.2f} s, {self.decoded} decoded{rate}, "
-                f"{self.cached} known from the cache")
+        seconds = max(self.seconds, 1e-9)
+        return (f"data check: {self.num_images} images in {self.seconds:.2f} s ({self.num_images / seconds:.0f} "
+                f"images/s): {self.decoded} decoded, {self.cached} known unchanged from the cache")
 
     @property
     def ok(self) -> bool:
