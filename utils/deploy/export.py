@@ -13,6 +13,11 @@ opset >= 19; see docs/ARCHITECTURE.md):
   the graph from H and W, then decode, score threshold, top-k and ONNX NonMaxSuppression;
   NMS IoU, top-k and keep-top-k are fixed at export time and recorded in the metadata.
 
+Both graphs are traced from the deployment form of the model (`utils.deploy.rewrites`: BN, fusion
+weights, shuffles and heads folded, cheaper CBAM and deformable-conv forms; same outputs) unless
+`rewrite=False`. `deform="gridsample"` builds the deformable convs from standard ops only (no
+DeformConv node), for runtimes without DeformConv. The form used is recorded in the metadata.
+
 Parity checks live in `utils.deploy.parity`, INT8 in `utils.deploy.quantize`, the deployment
 package in `utils.deploy.package`.
 """
@@ -29,6 +34,7 @@ from torchvision.ops import nms
 
 from data.config import MEAN_BGR, ModelConfig
 from layers.box_utils import decode, decode_landmarks
+from utils.deploy.rewrites import DEFORM_FORMS, deploy_model
 from utils.inference.detector import INPUT_NAME, ONNX_CONFIG_KEY, OUTPUT_NAMES
 from utils.inference.postprocess import DEMO_POSTPROCESS
 from utils.errors import FeatherFaceError
@@ -39,6 +45,7 @@ SCORE_THRESHOLD_NAME = "score_threshold"
 FACES_NAME = "faces"
 CONFIG_KEY = ONNX_CONFIG_KEY  # metadata entry holding ModelConfig JSON, read by FaceDetector's OnnxBackend
 DETECTION_KEY = "featherface_detection"  # detection graph: its fixed NMS settings (JSON)
+GRAPH_FORM_KEY = "featherface_graph_form"  # how the graph was built: rewrites on/off, deformable-conv form (JSON)
 
 DEFAULT_OPSET = 20
 MIN_DEFORM_OPSET = 19  # DeformConv entered the ONNX standard in opset 19
@@ -69,9 +76,10 @@ def require_exporter() -> None:
         ) from None
 
 
-def check_opset(config: ModelConfig, opset: int) -> None:
-    """V1 models contain deformable convs, which ONNX has only from opset 19 (DeformConv)."""
-    if config.deformable and opset < MIN_DEFORM_OPSET:
+def check_opset(config: ModelConfig, opset: int, deform: str = "auto") -> None:
+    """V1 models contain deformable convs, which ONNX has only from opset 19 (DeformConv); the
+    standard-op form needs GridSample (opset 16, the dynamo exporter's floor of 18 covers it)."""
+    if config.deformable and deform != "gridsample" and opset < MIN_DEFORM_OPSET:
         raise ExportError(
             f"model '{config.name}' has deformable convolutions, which need ONNX opset >= "
             f"{MIN_DEFORM_OPSET} (DeformConv); got --opset {opset}"
@@ -136,16 +144,37 @@ def model_metadata(config: ModelConfig) -> Dict[str, str]:
     }
 
 
+def graph_module(model: nn.Module, rewrite: bool = True, deform: str = "auto") -> nn.Module:
+    """What gets traced: the deployment form of `model` (utils.deploy.rewrites) or, with
+    rewrite=False, the model as built (then `deform` must be "auto": DeformConv as is)."""
+    _check_deform(deform)
+    if rewrite:
+        return deploy_model(model, target="onnx", deform=deform)
+    if deform != "auto":
+        raise ExportError(f"--deform_form {deform} needs the graph rewrites (drop --no_rewrites)")
+    return model.eval()
+
+
+def _check_deform(deform: str) -> None:
+    if deform not in DEFORM_FORMS:
+        raise ExportError(f"unknown deformable-conv form {deform!r}; choose one of {', '.join(DEFORM_FORMS)}")
+
+
+def graph_form(rewrite: bool, deform: str) -> Dict[str, str]:
+    return {GRAPH_FORM_KEY: json.dumps({"rewrites": bool(rewrite), "deformable_conv": deform if rewrite else "deformconv"})}
+
+
 def export_onnx(model: nn.Module, path: PathLike, image_size: Union[int, Sequence[int]] = 640,
-                opset: int = DEFAULT_OPSET) -> Path:
+                opset: int = DEFAULT_OPSET, rewrite: bool = True, deform: str = "auto") -> Path:
     """Export the raw-output graph with dynamic batch, height and width; returns the path."""
     config: ModelConfig = model.config
-    check_opset(config, opset)
+    _check_deform(deform)
+    check_opset(config, opset, deform)
     h, w = _size_pair(image_size)
-    model = model.eval()
+    module = graph_module(model, rewrite, deform)
     path = Path(path)
-    _export(model, (torch.zeros(1, 3, h, w),), path, [INPUT_NAME], OUTPUT_NAMES, (_input_dims(),), opset)
-    set_metadata(path, model_metadata(config))
+    _export(module, (torch.zeros(1, 3, h, w),), path, [INPUT_NAME], OUTPUT_NAMES, (_input_dims(),), opset)
+    set_metadata(path, {**model_metadata(config), **graph_form(rewrite, deform)})
     return path
 
 
@@ -215,7 +244,7 @@ class DetectionGraph(nn.Module):
 def export_graphs(model: nn.Module, raw_path: PathLike, detection_path: PathLike,
                   image_size: Union[int, Sequence[int]] = 640, opset: int = DEFAULT_OPSET,
                   nms_threshold: float = DEFAULT_NMS_THRESHOLD, top_k: int = DEFAULT_TOP_K,
-                  keep_top_k: int = DEFAULT_KEEP_TOP_K) -> Tuple[Path, Path]:
+                  keep_top_k: int = DEFAULT_KEEP_TOP_K, rewrite: bool = True, deform: str = "auto") -> Tuple[Path, Path]:
     """Export the raw graph and the detection graph from ONE trace of `DetectionGraph`.
 
     Tracing dominates export time (about 20-40 s on two CPU cores per model), so the combined
@@ -227,9 +256,10 @@ def export_graphs(model: nn.Module, raw_path: PathLike, detection_path: PathLike
     import onnx.utils
 
     config: ModelConfig = model.config
-    check_opset(config, opset)
+    _check_deform(deform)
+    check_opset(config, opset, deform)
     h, w = _size_pair(image_size)
-    graph = DetectionGraph(model.eval(), nms_threshold, top_k, keep_top_k).eval()
+    graph = DetectionGraph(graph_module(model, rewrite, deform), nms_threshold, top_k, keep_top_k).eval()
     raw_path, detection_path = Path(raw_path), Path(detection_path)
     combined = detection_path.with_name(detection_path.stem + "_combined.onnx")
     args = (torch.zeros(1, 3, h, w), torch.tensor(DEFAULT_SCORE_THRESHOLD))
@@ -242,10 +272,11 @@ def export_graphs(model: nn.Module, raw_path: PathLike, detection_path: PathLike
     finally:
         combined.unlink(missing_ok=True)
     _fix_batch_one(detection_path)
-    set_metadata(raw_path, model_metadata(config))
+    form = graph_form(rewrite, deform)
+    set_metadata(raw_path, {**model_metadata(config), **form})
     settings = {"nms_threshold": graph.nms_threshold, "top_k": graph.top_k, "keep_top_k": graph.keep_top_k,
                 "batch": 1, "output": "faces (K, 15) [x1, y1, x2, y2, score, l0x, l0y, ..., l4x, l4y] in input pixels"}
-    set_metadata(detection_path, {**model_metadata(config), DETECTION_KEY: json.dumps(settings)})
+    set_metadata(detection_path, {**model_metadata(config), **form, DETECTION_KEY: json.dumps(settings)})
     return raw_path, detection_path
 
 

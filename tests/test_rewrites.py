@@ -1,0 +1,137 @@
+"""Deployment rewrites (utils/deploy/rewrites.py): every rewrite keeps the network's outputs
+within the export parity tolerances (1e-4 scores, 1e-3 boxes/landmarks) for V1, V2, v1_slim
+and the converted published v1_original, at odd sizes and batch > 1, in PyTorch and in ONNX
+Runtime; the standard-op (GridSample) deformable conv agrees with DeformConv.
+
+Random-init networks have near-zero activations (BN statistics at their defaults) and
+zero-initialised offsets, which would let a wrong rewrite pass; `realistic` re-estimates the BN
+statistics on real pixels, gives the deformable convs offsets of a few pixels and the BiFPN
+unequal fusion weights, so every rewritten op carries signal.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data.preprocess import preprocess
+from models import build_model
+from models.bifpn import BiFPNCell, BiFPNLightCell
+from models.deform_conv import DeformableConv2d
+from tests.conftest import ROOT
+from utils.deploy.fuse import count_batchnorms
+from utils.deploy.parity import TOLERANCES
+from utils.deploy.rewrites import (DEFORM_FORMS, DeformableSampler, channel_max, deploy_model, fusion_weights,
+                                   rebuilt_conv, shuffle_permutation)
+from utils.inference.detector import OUTPUT_NAMES
+
+cv2 = pytest.importorskip("cv2")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GROUP = ROOT / "data" / "sample" / "images" / "group_8.jpg"
+# (batch, height, width): odd map sizes at every level, a non-square batch of 2.
+SHAPES = [(1, 97, 131), (2, 96, 160)]
+
+
+def realistic(name: str, seed: int = 0) -> torch.nn.Module:
+    """A random-init model whose activations, offsets and fusion weights look trained."""
+    torch.manual_seed(seed)
+    model = build_model(name)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, DeformableConv2d):  # offsets of a few pixels, masks away from 1
+                module.offset_conv.weight.normal_(0, 0.03)
+                module.offset_conv.bias.normal_(0, 1.5)
+                module.modulator_conv.weight.normal_(0, 0.03)
+                module.modulator_conv.bias.normal_(0, 1.0)
+            if isinstance(module, (BiFPNCell, BiFPNLightCell)):
+                for w in (module.p4_w1, module.p3_w1, module.p4_w2, module.p5_w2):
+                    w.uniform_(-0.2, 2.0)  # some negative: relu must zero them
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.2)
+        image = torch.nn.functional.interpolate(preprocess(cv2.imread(str(GROUP)))[None], size=(96, 128),
+                                                mode="bilinear")
+        model.train()
+        model(torch.cat([image, image.flip(-1)]))
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_var.clamp_(min=0.1)
+        for conv in model.class_head.convs:
+            conv.weight.mul_(2.0)
+    return model.eval()
+
+
+def inputs(shape, seed=0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    b, h, w = shape
+    return torch.rand(b, 3, h, w, generator=gen) * 255 - torch.tensor([104.0, 117.0, 123.0]).view(1, 3, 1, 1)
+
+
+def assert_within_tolerance(expected, got, label: str) -> None:
+    for name, e, g in zip(OUTPUT_NAMES, expected, got):
+        g = torch.as_tensor(g)
+        assert g.shape == e.shape, f"{label}: {name} shape {tuple(g.shape)} != {tuple(e.shape)}"
+        diff = (g - e).abs().max().item()
+        assert diff <= TOLERANCES[name], f"{label}: {name} differs by {diff:.2e} > {TOLERANCES[name]:.0e}"
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: realistic(name, seed) for seed, name in enumerate(["v1", "v2", "v1_slim", "v1_original"])}
+
+
+def test_helpers_are_exact():
+    perm = shuffle_permutation(8, 2, "official")
+    x = torch.arange(8.0).view(1, 8, 1, 1)
+    from models.context import channel_shuffle
+    assert torch.equal(channel_shuffle(x, 2, "official").view(-1), x.view(-1)[perm])
+    assert fusion_weights(torch.tensor([1.0, -1.0, 3.0]), 2) == pytest.approx([1 / 4.0001, 0.0])
+    y = torch.randn(2, 13, 5, 7)
+    assert torch.equal(channel_max(y), y.amax(dim=1, keepdim=True))
+    grouped = torch.nn.Conv2d(8, 16, 3, padding=1, groups=4)
+    dense = rebuilt_conv(grouped, input_permutation=perm)
+    assert dense.groups == 1
+    torch.testing.assert_close(dense(x.expand(1, 8, 4, 4)), grouped(x.expand(1, 8, 4, 4)[:, perm]))
+
+
+@pytest.mark.parametrize("target", ["torch", "onnx"])
+@pytest.mark.parametrize("name", ["v1", "v2", "v1_slim", "v1_original"])
+def test_deployed_model_matches_original(models, name, target):
+    model = models[name]
+    deployed = deploy_model(model, target=target)
+    assert count_batchnorms(deployed) == 0
+    for shape in SHAPES:
+        x = inputs(shape)
+        with torch.inference_mode():
+            assert_within_tolerance(model(x), deployed(x), f"{name} {target} {shape}")
+
+
+@pytest.mark.parametrize("form", [f for f in DEFORM_FORMS if f != "auto"])
+def test_every_deformable_form_matches(models, form):
+    model = models["v1"]
+    deployed = deploy_model(model, target="onnx", deform=form)
+    forms = {s.form for s in deployed.modules() if isinstance(s, DeformableSampler)}
+    assert forms == {form}
+    x = inputs((2, 97, 131), seed=1)
+    with torch.inference_mode():
+        assert_within_tolerance(model(x), deployed(x), form)
+
+
+def test_auto_projects_only_narrowing_layers(models):
+    deployed = deploy_model(models["v1"], target="onnx")
+    forms = [s.form for s in deployed.context[0].samplers]
+    assert forms == ["projected", "projected", "deformconv", "deformconv", "deformconv"]  # 52->26, 52->13, 13->13 x3
+
+
+def test_real_weights_deployed_match(real_checkpoint):
+    from utils.checkpoint import load_model
+
+    model, _ = load_model(real_checkpoint)
+    image = preprocess(cv2.imread(str(GROUP)))[None]
+    for target in ("torch", "onnx"):
+        deployed = deploy_model(model, target=target)
+        with torch.inference_mode():
+            assert_within_tolerance(model(image), deployed(image), f"v1_original published {target}")
