@@ -18,8 +18,10 @@ from utils.deploy.export import (DEFAULT_KEEP_TOP_K, DEFAULT_NMS_THRESHOLD, DEFA
                                  DEFAULT_TOP_K, ExportError, MIN_DEFORM_OPSET, check_onnx_file, check_opset,
                                  export_graphs, export_onnx, op_counts, require_exporter)
 from utils.deploy.package import write_deployment_package
-from utils.deploy.parity import check_detection_parity, check_parity, detection_graph_ok, format_parity
-from utils.deploy.quantize import detection_drift, find_images, onnx_latency_ms, quantize_int8, read_image
+from utils.deploy.parity import verify_export
+from utils.deploy.quantize import find_images, quantize_and_report, read_image
+from utils.deploy.rewrites import DEFORM_FORMS
+from utils.deploy.staging import staged
 from utils.errors import CheckpointError, FeatherFaceError, run_cli
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "data" / "sample" / "images"
@@ -53,6 +55,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration_images", type=str, default=None, help="folder of images for INT8 calibration")
     p.add_argument("--latency_runs", type=int, default=30, help="timed runs per latency measurement (median reported)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random_init")
+    p.add_argument("--deform_form", default="auto", choices=DEFORM_FORMS,
+                   help="deformable convs (V1): auto = DeformConv, projected where that samples fewer values "
+                        "(fastest in ONNX Runtime); gridsample = standard ops only, no DeformConv (OpenVINO, "
+                        "TensorRT, mobile runtimes)")
+    p.add_argument("--no_rewrites", action="store_true",
+                   help="trace the model as built instead of its deployment form (same outputs, slower graph)")
     return p
 
 
@@ -88,7 +96,8 @@ def sample_images(folder: Path, limit: int = 3) -> dict:
 def main(args: argparse.Namespace) -> dict:
     model = load(args)
     config = model.config
-    check_opset(config, args.opset)
+    rewrite = not args.no_rewrites
+    check_opset(config, args.opset, args.deform_form)
     calibration = find_images(args.calibration_images) if args.quantize else []
     if args.quantize and not args.calibration_images:
         raise FeatherFaceError("--quantize int8 needs --calibration_images DIR")
@@ -97,60 +106,48 @@ def main(args: argparse.Namespace) -> dict:
     raw = Path(args.output) if args.output else default
     package = None if args.deployment_package is None else Path(args.deployment_package or f"deployment/{config.name}")
     detection = raw.with_name(raw.stem + "_postprocess.onnx") if (args.with_postprocess or package) else None
+    int8 = raw.with_name(raw.stem + "_int8.onnx") if args.quantize else None
+    targets = {"onnx": raw, "postprocess": detection, "int8": int8, "package": package}
+    targets = {k: v for k, v in targets.items() if v is not None}
+    form = "as built" if not rewrite else f"deployment rewrites, deformable convs: {args.deform_form}"
     print(f"exporting {config.name} ({count_parameters(model):,} parameters), opset {args.opset}, traced at "
-          f"{args.image_size}x{args.image_size}", flush=True)
-    if detection:
-        export_graphs(model, raw, detection, args.image_size, args.opset, args.nms_threshold, args.top_k,
-                         args.keep_top_k)
-    else:
-        export_onnx(model, raw, args.image_size, args.opset)
-    written = {"onnx": raw, "postprocess": detection}
-    for path in filter(None, (raw, detection)):
-        check_onnx_file(path)
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {op_counts(path).get('DeformConv', 0)} DeformConv "
-              "nodes), onnx.checker ok")
-
-    failures, parity_report = [], None
-    if args.test_sizes:
-        rows = check_parity(model, raw)
-        parity_report = format_parity(rows)
-        print(parity_report)
-        failures += [f"raw graph at {r.shape}" for r in rows if not r.ok]
-        images = sample_images(SAMPLE_IMAGES)
-        if detection and images:
-            # An untrained network gives near-identical scores everywhere, so NMS keeps an arbitrary
-            # subset of tied boxes: the comparison is then shown but cannot fail the export.
-            note = " (untrained: tied scores, informational only)" if args.random_init else ""
-            print(f"detection graph vs PyTorch decode + NMS (score > {args.score_threshold}){note}:")
-            for diff in check_detection_parity(model, detection, images, args.score_threshold):
-                print("  " + diff.line())
-                if not (args.random_init or detection_graph_ok(diff)):
-                    failures.append(f"detection graph on {diff.name}")
-
-    int8_path = None
-    if args.quantize:
-        int8 = quantize_int8(raw, raw.with_name(raw.stem + "_int8.onnx"), calibration, args.image_size)
-        written["int8"] = int8_path = int8.path
-        print(f"wrote {int8.path}: {int8.fp32_bytes / 1e6:.2f} MB -> {int8.int8_bytes / 1e6:.2f} MB, calibrated on "
-              f"{int8.calibration_images} images" + (f"; left in float32: {int8.float_ops}" if int8.float_ops else ""))
-        size = (args.image_size, args.image_size)
-        for threads in (1, 2):
-            fp32_ms = onnx_latency_ms(raw, size, threads, args.latency_runs)
-            int8_ms = onnx_latency_ms(int8.path, size, threads, args.latency_runs)
-            print(f"  latency {size[0]}x{size[1]}, {threads} thread(s): FP32 {fp32_ms:.1f} ms, INT8 {int8_ms:.1f} ms "
-                  f"(median of {args.latency_runs})")
-        drift_images = sample_images(SAMPLE_IMAGES) or sample_images(Path(args.calibration_images))
-        for diff in detection_drift(raw, int8.path, drift_images, args.score_threshold):
-            print("  INT8 vs FP32 " + diff.line())
-
+          f"{args.image_size}x{args.image_size}, {form}", flush=True)
+    # Everything is written to hidden folders beside the targets and moved into place only after
+    # every check passed: a failed export leaves nothing behind.
+    with staged(list(targets.values())) as paths:
+        out = dict(zip(targets, paths))
+        if detection:
+            export_graphs(model, out["onnx"], out["postprocess"], args.image_size, args.opset, args.nms_threshold,
+                          args.top_k, args.keep_top_k, rewrite=rewrite, deform=args.deform_form)
+        else:
+            export_onnx(model, out["onnx"], args.image_size, args.opset, rewrite=rewrite, deform=args.deform_form)
+        for key in ("onnx", "postprocess"):
+            if key in out:
+                check_onnx_file(out[key])
+                print(f"{targets[key].name}: {out[key].stat().st_size / 1e6:.2f} MB, "
+                      f"{op_counts(out[key]).get('DeformConv', 0)} DeformConv nodes, onnx.checker ok")
+        failures, parity_report = [], None
+        if args.test_sizes:
+            # An untrained network ties scores everywhere: its detection comparison cannot fail the export.
+            failures, parity_report = verify_export(model, out["onnx"], out.get("postprocess"),
+                                                    sample_images(SAMPLE_IMAGES), args.score_threshold,
+                                                    detections_decide=not args.random_init)
+        int8_path = out.get("int8")
+        if int8_path:
+            drift_images = sample_images(SAMPLE_IMAGES) or sample_images(Path(args.calibration_images))
+            quantize_and_report(out["onnx"], int8_path, calibration, args.image_size, drift_images,
+                                args.score_threshold, args.latency_runs)
+        if package:
+            write_deployment_package(model, out["package"], out["onnx"], out["postprocess"], args.score_threshold,
+                                     args.opset, int8_path, parity_report)
+        if failures:
+            raise ExportError("ONNX Runtime and PyTorch disagree beyond tolerance: " + "; ".join(failures)
+                              + "; nothing was written")
+    for key, path in targets.items():
+        print(f"wrote {path}" + ("/" if key == "package" else ""))
     if package:
-        write_deployment_package(model, package, raw, detection, args.score_threshold, args.opset, int8_path,
-                                    parity_report)
-        written["package"] = package
         print(f"deployment package in {package}/ (try: python {package}/usage_example.py IMAGE --output out.jpg)")
-    if failures:
-        raise ExportError("ONNX Runtime and PyTorch disagree beyond tolerance: " + "; ".join(failures))
-    return written
+    return {"postprocess": None, **targets}
 
 
 if __name__ == "__main__":

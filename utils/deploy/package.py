@@ -62,6 +62,11 @@ def _runtime_note(config: ModelConfig, onnx_path: PathLike, opset: int) -> str:
                 "pooling, Resize, Softmax, ...) and `model_postprocess.onnx` adds `NonMaxSuppression`, `TopK` and "
                 f"`NonZero`. Any runtime with opset {opset} support should run it; check yours with "
                 "`usage_example.py`.")
+    if op_counts(onnx_path).get("DeformConv", 0) == 0:
+        return ("This model's **deformable convolutions** are built from standard ONNX ops (`Conv`, `GridSample` "
+                "(opset >= 16), `Mul`, `ReduceSum`; export option `--deform_form gridsample`), so runtimes without "
+                "`DeformConv` (OpenVINO, TensorRT, mobile builds) can run it; the export checked that it gives the "
+                "same outputs as PyTorch. In ONNX Runtime's CPU provider the default export (DeformConv) is faster.")
     return (f"This model contains **deformable convolutions** (ONNX `DeformConv`, opset >= {MIN_DEFORM_OPSET}, "
             f"{op_counts(onnx_path).get('DeformConv', 0)} nodes). ONNX Runtime's CPU execution provider runs "
             f"them (checked with ONNX Runtime {onnxruntime.__version__}). Other runtimes and execution providers "

@@ -76,9 +76,10 @@ def quantize_int8(fp32_path: PathLike, out_path: PathLike, calibration_images: S
                   image_size: int = 640, per_channel: bool = True) -> QuantizationReport:
     """Static INT8 (QDQ, per-channel weights, MinMax calibration) of a raw graph.
 
-    onnxruntime.quantization has no DeformConv quantizer, so V1's DeformConv nodes and the
-    BatchNormalization right after each (which ORT cannot fold into a DeformConv) stay float32:
-    they read dequantized inputs and the next quantized op re-quantizes their output.
+    onnxruntime.quantization has no DeformConv quantizer, so V1's DeformConv nodes (and, in a graph
+    exported without the rewrites, the BatchNormalization right after each, which ORT cannot fold
+    into a DeformConv) stay float32: they read dequantized inputs and the next quantized op
+    re-quantizes their output.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -158,3 +159,22 @@ def detection_drift(fp32_path: PathLike, int8_path: PathLike, images: Dict[str, 
     fp32 = FaceDetector(str(fp32_path), backend="onnx", conf=score_threshold)
     int8 = FaceDetector(str(int8_path), backend="onnx", conf=score_threshold)
     return [compare_detections(name, fp32.detect_array(im), int8.detect_array(im)) for name, im in images.items()]
+
+
+def quantize_and_report(fp32_path: PathLike, int8_path: PathLike, calibration_images: Sequence[Path],
+                        image_size: int, drift_images: Dict[str, np.ndarray],
+                        score_threshold: float = DEFAULT_SCORE_THRESHOLD, latency_runs: int = 30,
+                        log=print) -> QuantizationReport:
+    """quantize_int8, then log sizes, FP32 vs INT8 latency (1 and 2 threads) and detection drift."""
+    report = quantize_int8(fp32_path, int8_path, calibration_images, image_size)
+    log(f"{Path(int8_path).name}: {report.fp32_bytes / 1e6:.2f} MB -> {report.int8_bytes / 1e6:.2f} MB, calibrated "
+        f"on {report.calibration_images} images" + (f"; left in float32: {report.float_ops}" if report.float_ops else ""))
+    size = (image_size, image_size)
+    for threads in (1, 2):
+        fp32_ms = onnx_latency_ms(fp32_path, size, threads, latency_runs)
+        int8_ms = onnx_latency_ms(int8_path, size, threads, latency_runs)
+        log(f"  latency {size[0]}x{size[1]}, {threads} thread(s): FP32 {fp32_ms:.1f} ms, INT8 {int8_ms:.1f} ms "
+            f"(median of {latency_runs})")
+    for diff in detection_drift(fp32_path, int8_path, drift_images, score_threshold):
+        log("  INT8 vs FP32 " + diff.line())
+    return report
