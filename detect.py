@@ -3,6 +3,9 @@
     python detect.py --input photo.jpg      # the shipped published model (weights/featherface_v1_original.pth)
     python detect.py --weights featherface.onnx --input clips/street.mp4 --output out/
 
+Images larger than --max_size (default 1920 px on the longer side) are scaled down for the
+network and the boxes scaled back; --original_size runs them at full size.
+
 Writes `<output>/<name>` (annotated image or .avi video) and `<output>/detections.json`
 ({"images": [...], "videos": [...], "errors": [...]}). Unreadable files are reported and
 skipped; exit 0 when at least one input was processed, 2 when none was.
@@ -22,6 +25,11 @@ from utils.inference.detector import PUBLISHED_WEIGHTS, FaceDetector, backend_fo
 from utils.inference.postprocess import DEMO_POSTPROCESS
 from utils.inference.media import VIDEO_SUFFIXES, MediaRunner, collect_inputs
 
+# Longer-side cap of the demo: memory grows with the pixel count (an 8000x8000 photo at its own
+# size peaked at 5.3 GB). Faces smaller than ~16 px after the cap are lost; --original_size keeps
+# every pixel. Evaluation (test_widerface.py) never caps.
+DEFAULT_MAX_SIZE = 1920
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Detect faces with a FeatherFace checkpoint or ONNX export.")
@@ -32,7 +40,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--conf", type=float, default=DEMO_POSTPROCESS.conf_threshold, help="minimum face score")
     p.add_argument("--nms", type=float, default=DEMO_POSTPROCESS.nms_threshold, help="NMS IoU threshold")
     p.add_argument("--image_size", type=int, default=None, help="resize the shorter side to this (default: original size)")
-    p.add_argument("--max_size", type=int, default=None, help="cap on the longer side after resizing")
+    p.add_argument("--max_size", type=int, default=DEFAULT_MAX_SIZE,
+                   help="larger images are scaled down so their longer side is at most this (never up)")
+    p.add_argument("--original_size", action="store_true",
+                   help="no cap on the longer side: run every image at its own size (memory grows with it)")
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto", help="auto: onnx for .onnx files")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (torch backend)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: library default)")
@@ -42,19 +53,22 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.max_size is not None and args.max_size < 32:
+        raise FeatherFaceError(f"--max_size must be at least 32 pixels, got {args.max_size}")
+    max_size = None if args.original_size else args.max_size
     inputs = collect_inputs(args.input)
     if args.threads:
         torch.set_num_threads(args.threads)
     backend = backend_for(args.weights) if args.backend == "auto" else args.backend
     detector = FaceDetector(args.weights, backend=backend, device=args.device, image_size=args.image_size,
-                            conf=args.conf, nms=args.nms, max_size=args.max_size, threads=args.threads)
+                            conf=args.conf, nms=args.nms, max_size=max_size, threads=args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
     runner = MediaRunner(detector, args.output, args.show, args.quiet)
     for path in tqdm(inputs, desc="files", unit="file", disable=not runner.progress or len(inputs) < 2):
         (runner.video if path.suffix.lower() in VIDEO_SUFFIXES else runner.image)(path)
     report = args.output / "detections.json"
     settings = {"weights": str(args.weights), "backend": backend, "conf": args.conf, "nms": args.nms,
-                "image_size": args.image_size, "max_size": args.max_size}
+                "image_size": args.image_size, "max_size": max_size}
     report.write_text(json.dumps({**settings, **runner.results}, indent=1))
     done = len(runner.results["images"]) + len(runner.results["videos"])
     if runner.show:

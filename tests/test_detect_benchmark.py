@@ -57,6 +57,37 @@ def test_detect_folder_with_a_corrupt_file(real_checkpoint, tmp_path):
     assert annotated.shape == original.shape and not np.array_equal(annotated, original)  # boxes drawn
 
 
+def test_detect_caps_the_long_side_unless_original_size(real_checkpoint, tmp_path, monkeypatch):
+    import detect
+    from utils.inference.detector import FaceDetector
+
+    big = cv2.resize(cv2.imread(str(SAMPLE / "group_8.jpg")), (1600, 1200))
+    (tmp_path / "big.jpg").write_bytes(cv2.imencode(".jpg", big)[1].tobytes())
+    network_sides = []
+    original_detect = FaceDetector.detect_arrays
+
+    def spy(self, images, scale=None):
+        network_sides.append(max(images[0].shape[:2]) * self.scale_for(images[0]))
+        return original_detect(self, images, scale)
+
+    monkeypatch.setattr(FaceDetector, "detect_arrays", spy)
+    base = ["--weights", str(real_checkpoint), "--input", str(tmp_path / "big.jpg"), "--threads", "1"]
+    assert detect.get_args_parser().parse_args(base).max_size == detect.DEFAULT_MAX_SIZE
+    runs = {"capped": ["--max_size", "800"], "original": ["--original_size"]}
+    faces = {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        assert detect.main(detect.get_args_parser().parse_args(base + ["--output", str(out)] + extra)) == 0
+        report = json.loads((out / "detections.json").read_text())
+        faces[name] = report["images"][0]["faces"]
+        assert report["max_size"] == (800 if name == "capped" else None)
+    assert network_sides == [800, 1600]
+    # Boxes come back in original-image pixels either way: the same 8 faces, within a few pixels.
+    assert len(faces["capped"]) == len(faces["original"]) == 8
+    boxes = [sorted(f["box"][0] for f in faces[name]) for name in runs]
+    assert max(abs(a - b) for a, b in zip(*boxes)) < 12 and max(boxes[0]) > 800
+
+
 def test_detect_nothing_readable_exits_2(real_checkpoint, tmp_path, capsys):
     import detect
     from utils.errors import run_cli
@@ -113,19 +144,43 @@ def tiny_onnx(path: Path) -> Path:
 
 def test_benchmark_quick_prints_table_and_json(tmp_path):
     report = tmp_path / "bench.json"
-    result = run_script("benchmark.py", "--quick", "--models", "v2", "--backends", "torch", "torch_plain",
+    result = run_script("benchmark.py", "--quick", "--models", "v2", "--backends", "torch", "eager",
                         "--compare", str(tiny_onnx(tmp_path / "other.onnx")), "--json", str(report))
     assert result.returncode == 0, result.stderr
     table = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert table[0].startswith("| model | backend |") and len(table) == 2 + 3
     data = json.loads(report.read_text())
     rows = {(r["model"], r["backend"]): r for r in data["results"]}
-    assert set(rows) == {("v2", "torch"), ("v2", "torch_plain"), ("other.onnx", "onnx_compare")}
+    assert set(rows) == {("v2", "torch"), ("v2", "eager"), ("other.onnx", "onnx_compare")}
     for row in rows.values():
         assert row["median_ms"] > 0 and row["p90_ms"] >= row["median_ms"] and row["images_per_s"] > 0
     assert rows[("v2", "torch")]["size"] == "64x64" and rows[("v2", "torch")]["gflops"] > 0
     assert rows[("other.onnx", "onnx_compare")]["gflops"] is None  # not counted for foreign models
     assert data["machine"]["cpu_count"] >= 1 and data["settings"]["runs"] == 3
+    # --compare: same-run ratios to the first compared model, printed and stored.
+    assert rows[("other.onnx", "onnx_compare")]["ratio"] == 1.0
+    for backend in ("torch", "eager"):
+        low, high = rows[("v2", backend)]["ratio_range"]
+        assert 0 < low <= rows[("v2", backend)]["ratio"] <= high
+    assert "Same-run ratios to other.onnx" in result.stdout
+
+
+def test_ratios_are_per_round_and_matched_by_setting(monkeypatch):
+    import utils.timing as timing
+
+    # Round medians: baseline 10 then 20 ms; the model 5 then 12 ms -> ratios 0.5, 0.6.
+    fake = {0: [[0.010], [0.020]], 1: [[0.005], [0.012]], 2: [[0.003], [0.003]]}
+    monkeypatch.setattr(timing, "prepare_config", lambda config: (lambda: None, None))
+    monkeypatch.setattr(timing, "interleaved_latencies", lambda fns, runs, warmup, rounds: [
+        [timing.Latency(t) for t in fake[i]] for i in range(len(fns))])
+    make = lambda: None  # noqa: E731
+    configs = [timing.BenchConfig("base", "onnx_compare", 2, 1, (640, 640), None, make, baseline=True),
+               timing.BenchConfig("v2", "onnx", 2, 1, (640, 640), 1, make),
+               timing.BenchConfig("v2", "onnx", 1, 1, (640, 640), 1, make)]  # no baseline at 1 thread
+    rows = timing.measure_configs(configs, runs=2, warmup=0, rounds=2)
+    assert rows[0]["ratio"] == 1.0
+    assert rows[1]["ratio"] == pytest.approx(0.55) and rows[1]["ratio_range"] == [0.5, 0.6]
+    assert rows[2]["ratio"] is None and rows[1]["median_ms"] == pytest.approx(8.5)
 
 
 @pytest.mark.slow

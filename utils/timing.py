@@ -14,11 +14,13 @@
 from __future__ import annotations
 
 import ctypes
+import os
+import platform
 import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -58,6 +60,23 @@ def measure_latency(fn: Callable[[], object], runs: int, warmup: int) -> Latency
         fn()
         times.append(time.perf_counter() - start)
     return Latency(times)
+
+
+def interleaved_latencies(fns: Sequence[Callable[[], object]], runs: int, warmup: int,
+                          rounds: int) -> List[List[Latency]]:
+    """Time several callables in `rounds` interleaved rounds (each round: every fn `runs` times,
+    one after the other), so that all of them see the same machine load; ratios between them
+    are then comparable even on a busy machine. Returns per fn the Latency of each round."""
+    if rounds < 1:
+        raise ValueError(f"need rounds >= 1, got {rounds}")
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    per_fn: List[List[Latency]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            per_fn[i].append(measure_latency(fn, runs, 0))
+    return per_fn
 
 
 def _deform_conv_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
@@ -116,3 +135,93 @@ def track_peak_memory() -> Iterator[PeakMemory]:
     peak = _read_status_kb("VmHWM")
     if base is not None and peak is not None:
         result.mb = max(peak - base, 0) / 1024
+
+
+@dataclass
+class BenchConfig:
+    """One timed configuration; `make` builds its runner (a callable taking the input batch)."""
+
+    label: str
+    backend: str
+    threads: int
+    batch: int
+    size: Tuple[int, int]
+    flops: Optional[int]
+    make: Callable[[], Callable]
+    baseline: bool = False
+
+
+def prepare_config(config: BenchConfig) -> Tuple[Callable[[], object], Optional[float]]:
+    """(timed call, peak memory rise in MiB); the runner is built inside the memory measurement."""
+    torch.set_num_threads(config.threads)
+    x = torch.randn(config.batch, 3, *config.size, generator=torch.Generator().manual_seed(0)) * 50
+    config.make()(x)  # one-time library set-up (ORT, oneDNN) must not count as this configuration's memory
+    with track_peak_memory() as peak:
+        run = config.make()
+        run(x)
+
+    def call() -> object:
+        torch.set_num_threads(config.threads)
+        return run(x)
+
+    return call, peak.mb
+
+
+def measure_configs(configs: List[BenchConfig], runs: int, warmup: int, rounds: int,
+                    log: Optional[Callable[[Dict], None]] = None) -> List[Dict]:
+    """Time every configuration: one table row each (median/p90 ms, images/s, GFLOPs, peak MiB).
+    When one is a baseline, all are timed in `rounds` interleaved rounds and each row gets
+    `ratio` (median over rounds of its round median / the baseline's at the same threads, batch
+    and size) and `ratio_range` (min, max over rounds)."""
+    prepared = [prepare_config(c) for c in configs]
+    rounds = rounds if any(c.baseline for c in configs) else 1
+    per_round = interleaved_latencies([call for call, _ in prepared], max(1, -(-runs // rounds)), warmup, rounds)
+    key = lambda c: (c.threads, c.batch, c.size)  # noqa: E731
+    baselines = {key(c): i for i, c in enumerate(configs) if c.baseline and key(c) not in
+                 {key(b) for b in configs[:i] if b.baseline}}
+    rows = []
+    for i, (config, (_, peak_mb)) in enumerate(zip(configs, prepared)):
+        latency = Latency([t for lat in per_round[i] for t in lat.times])
+        row = {"model": config.label, "backend": config.backend, "threads": config.threads, "batch": config.batch,
+               "size": f"{config.size[0]}x{config.size[1]}", "median_ms": round(latency.median_ms, 2),
+               "p90_ms": round(latency.p90_ms, 2), "images_per_s": round(latency.images_per_s(config.batch), 2),
+               "gflops": None if config.flops is None else round(config.flops * config.batch / 1e9, 3),
+               "peak_mb": None if peak_mb is None else round(peak_mb, 1), "ratio": None, "ratio_range": None}
+        base = baselines.get(key(config))
+        if base is not None:
+            ratios = [a.median_ms / b.median_ms for a, b in zip(per_round[i], per_round[base])]
+            row["ratio"] = round(statistics.median(ratios), 3)
+            row["ratio_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+        if log is not None:
+            log(row)
+        rows.append(row)
+    return rows
+
+
+def ratio_summary(rows: List[Dict], baseline: str, rounds: int) -> str:
+    """The rows' same-run ratios to `baseline`, one line each."""
+    lines = [f"\nSame-run ratios to {baseline} (median of {rounds} interleaved rounds [min-max]):"]
+    for r in rows:
+        if r["ratio"] is not None and r["model"] != baseline:
+            lines.append(f"  {r['model']:<32} {r['backend']:<12} {r['size']} {r['threads']} thread(s), batch "
+                         f"{r['batch']}: {r['ratio']:.2f} [{r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}]")
+    return "\n".join(lines)
+
+
+def markdown_table(rows: List[Dict]) -> str:
+    """Benchmark rows as a Markdown table."""
+    cols = ["model", "backend", "threads", "batch", "size", "median_ms", "p90_ms", "images_per_s", "gflops", "peak_mb",
+            "ratio"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("-" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine_info() -> Dict:
+    """Platform, CPU count, load and library versions, stored beside benchmark results."""
+    import onnxruntime
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "load_avg_at_end": load, "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__}
