@@ -25,7 +25,7 @@ from data.config import ModelConfig
 from data.preprocess import preprocess, resize_scale
 from layers.prior_box import prior_boxes_for
 from utils.errors import FeatherFaceError
-from utils.deploy.fuse import fuse_batchnorm
+from utils.deploy.rewrites import deploy_model
 from utils.inference.postprocess import DEMO_POSTPROCESS, PostProcessConfig, detect_faces
 
 # The published FeatherFace, converted and shipped with the repository (weights/README.md).
@@ -62,10 +62,11 @@ def backend_for(weights: Union[str, Path, nn.Module]) -> str:
 class TorchBackend:
     """Runs a FeatherFace nn.Module (eval mode, inference_mode).
 
-    Speed-ups (outputs equal within 1e-4, tests/test_detector.py): `fuse` folds batch norms into
-    the convs (on a copy, utils/deploy/fuse.py; the caller's model is left as it was); `channels_last`
-    (default: on CPU) runs the convs in NHWC layout, which oneDNN's CPU kernels, the depthwise
-    ones especially, run about a quarter faster.
+    Speed-ups (outputs equal within 1e-4, tests/test_detector.py): `fuse` runs the deployment form
+    of the model (a copy with batch norms, fusion weights, shuffles and heads folded,
+    utils/deploy/rewrites.py; the caller's model is left as it was); `channels_last` (default: on
+    CPU) runs the convs in NHWC layout, which oneDNN's CPU kernels, the depthwise ones
+    especially, run about a quarter faster.
     """
 
     def __init__(self, model: nn.Module, device: Union[str, torch.device] = "cpu", fuse: bool = True,
@@ -75,7 +76,8 @@ class TorchBackend:
         if channels_last is None:
             channels_last = self.device.type == "cpu"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = (fuse_batchnorm(model) if fuse else model).to(self.device, memory_format=self.memory_format).eval()
+        deployed = deploy_model(model, target="torch") if fuse else model
+        self.model = deployed.to(self.device, memory_format=self.memory_format).eval()
 
     def __call__(self, batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
