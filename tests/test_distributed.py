@@ -108,12 +108,27 @@ def torchrun(script, args, tmp_path, timeout=420):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), str(script), *args]
-    try:
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"2-process run hung past {timeout} s: {' '.join(cmd)}\n{(exc.stderr or b'')[-2000:]}")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+    # Output to files (a rank left alive must not hold a pipe open); on a hang SIGTERM goes to
+    # torchrun, which stops its ranks (each runs in its own session, out of reach of killpg).
+    log = tmp_path / f"torchrun_{free_port()}"
+    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True, env=env)
+        try:
+            proc.wait(timeout=timeout)
+            hung = False
+        except subprocess.TimeoutExpired:
+            hung = True
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    stdout, stderr = Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text()
+    if hung:
+        pytest.fail(f"2-process run hung past {timeout} s: {' '.join(cmd)}\n{stderr[-2000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 SKEWED = textwrap.dedent('''
