@@ -19,8 +19,8 @@ published v1_original, at odd sizes and batch > 1):
   computed by one conv; the 2 of the mask 2 * sigmoid(m) folded into the kernel.
 
 ONNX-only rewrites, chosen by measuring ONNX Runtime's CPU provider (README, Speed):
-- CBAM's channel mean becomes a MatMul with the channel weights and its channel max a tree of
-  Split + Max (ReduceMean/ReduceMax over the channel axis are about 9x slower there);
+- CBAM's channel mean becomes a MatMul with the channel weights (ReduceMean over the channel axis
+  is about 9x slower there; a Split + Max tree for the channel max measured no faster than ReduceMax);
 - V2's grouped 3x3/1x1 convs become dense convs with zero blocks: ORT's blocked-layout (NCHWc)
   kernels accept them, so the SSH, shuffle and heads run without layout reorders;
 - deformable convs whose output is narrower than their input are "projected": a 1x1 conv gives
@@ -119,24 +119,11 @@ def _without_identity(seq: nn.Sequential) -> nn.Sequential:
 # Attention
 
 
-def channel_max(x: torch.Tensor) -> torch.Tensor:
-    """max over dim 1 (keepdim) as a tree of Split + Max: ORT's ReduceMax over channels is slow."""
-    while x.shape[1] > 1:
-        half = x.shape[1] // 2
-        if x.shape[1] % 2:
-            a, b, rest = x.split([half, half, 1], dim=1)
-            x = torch.maximum(torch.maximum(a, b), rest)
-        else:
-            a, b = x.split([half, half], dim=1)
-            x = torch.maximum(a, b)
-    return x
-
-
 class ResidualCBAM(nn.Module):
     """relu(x + SpatialGate(ChannelGate(x))) for one map (V1 CBAM or one level of V2's manager).
 
-    forward (B, C, H, W) -> (B, C, H, W). `onnx=True` computes the channel mean as a matmul with
-    the channel weights and the channel max as a Split + Max tree (same values).
+    forward (B, C, H, W) -> (B, C, H, W). `onnx=True` computes the channel mean of x * scale as a
+    matmul of x with scale / C (ONNX Runtime's ReduceMean over channels is several times slower).
     """
 
     def __init__(self, gate: ChannelGate, spatial: SpatialGate, onnx: bool) -> None:
@@ -159,9 +146,9 @@ class ResidualCBAM(nn.Module):
         y = x * scale[:, :, None, None]
         if self.onnx:
             mean = torch.matmul((scale / c).unsqueeze(1), x.reshape(b, c, h * w)).reshape(b, 1, h, w)
-            mx = channel_max(y)
         else:
-            mean, mx = y.mean(dim=1, keepdim=True), y.amax(dim=1, keepdim=True)
+            mean = y.mean(dim=1, keepdim=True)
+        mx = y.amax(dim=1, keepdim=True)
         pooled = torch.cat([mx, mean] if self.max_first else [mean, mx], dim=1)
         return torch.relu(x + y * torch.sigmoid(self.conv(pooled)))
 
