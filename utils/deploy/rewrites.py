@@ -461,7 +461,9 @@ class DeployedFeatherFace(nn.Module):
 def _form_rule(target: str, deform: str) -> Callable[[int, int], str]:
     """Which sampler each deformable conv gets, from (Cin, Cout)."""
     if target == "torch":
-        return lambda cin, cout: "torch"
+        # PyTorch's grid_sample kernel beats the model's own sampler where few values are sampled
+        # per pixel (52->13 at 80x80: about 5 vs 10 ms, 1 thread); elsewhere the sampler wins.
+        return lambda cin, cout: "gridsample" if 2 * cout < cin else "torch"
     if deform == "auto":
         # Projected sampling reads K*Cout instead of K*Cin values per pixel: it pays when Cout < Cin.
         return lambda cin, cout: "projected" if cout < cin else "deformconv"
