@@ -1,6 +1,6 @@
 """Distil FeatherFace V2 (256,156 parameters) from a trained V1 teacher.
 
-    python train_v2.py --teacher_model weights/v1.pth --epochs 400 --batch_size 32 \
+    python train_v2.py --teacher_model weights/featherface_v1/last.pth --epochs 400 --batch_size 32 \
         --temperature 4.0 --alpha_initial 0.8 --alpha_final 0.5 --gradient_clip 1.0 \
         --early_stopping_patience 20
 
@@ -21,8 +21,9 @@ from utils.training.trainer import DEFAULT_BACKBONE, add_training_args, load_bac
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Distil FeatherFace V2 from a V1 teacher checkpoint.")
-    parser.add_argument("--teacher_model", default="weights/v1.pth",
-                        help="V1-family checkpoint written by train.py (or utils.convert_official)")
+    parser.add_argument("--teacher_model", default="weights/featherface_v1/last.pth",
+                        help="V1-family checkpoint written by train.py (default: where train.py writes it) "
+                             "or converted by utils.convert_official")
     parser.add_argument("--pretrained_backbone", default=DEFAULT_BACKBONE,
                         help="ImageNet MobileNetV1-0.25 weights for the student ('none' = from scratch)")
     g = parser.add_argument_group("distillation")

@@ -62,6 +62,8 @@ def add_training_args(parser: argparse.ArgumentParser, epochs: int, name: str) -
     g.add_argument("--image_root", default=None, help="folder the label file's image paths are relative to")
     g.add_argument("--val_dataset", default=None,
                    help="label file of a validation set: val loss and AP@0.5 every --val_interval epochs")
+    g.add_argument("--val_image_root", default=None,
+                   help="folder the --val_dataset image paths are relative to (default: images/ beside it)")
     g.add_argument("--val_interval", type=int, default=1, help="validate every N epochs (and after the last one)")
     g.add_argument("--val_gt_dir", default=None,
                    help="WIDER val ground truth folder (wider_face_val.mat, wider_{easy,medium,hard}_val.mat): "
@@ -254,7 +256,8 @@ class Trainer:
         self.train_set = SeededTrainSet(self.dataset, args.image_size, args.seed, not args.no_augment)
         self.sampler = EpochSampler(len(self.dataset), args.seed, self.rank, self.world)
         self.iters_per_epoch = math.ceil(len(self.sampler.indices()) / args.batch_size)
-        self.val_set = ValidationSet(args.val_dataset, None, args.image_size) if args.val_dataset else None
+        self.val_set = (ValidationSet(args.val_dataset, args.val_image_root, args.image_size)
+                        if args.val_dataset else None)
         self.val_wider = WiderSubset(args.val_gt_dir, self.val_set.records) if args.val_gt_dir and self.val_set else None
         if args.val_gt_dir and not self.val_set:
             raise FeatherFaceError("--val_gt_dir needs --val_dataset (the label file of those val images)")
