@@ -365,3 +365,10 @@ def test_overfit_four_wider_images_then_last_pth_finds_them(tmp_path):
     print("overfit AP", ap, "final loss", state.history[-1]["loss"])
     assert ap["easy"] >= 0.6, ap
     assert not math.isnan(ap["hard"])
+
+
+def test_bad_val_labels_are_a_clear_error(tmp_path):
+    label = tmp_path / "val.txt"
+    label.write_text("# a.jpg\n10 10 20\n")
+    with pytest.raises(FeatherFaceError, match=r"--val_dataset: .*val.txt:2: malformed face line"):
+        train.main(make_args(tmp_path, "--val_dataset", str(label)))

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from data.augment import ValTransform
-from data.wider_face import PathLike, WiderFaceDataset, detection_collate
+from data.wider_face import LabelFormatError, PathLike, WiderFaceDataset, detection_collate
 from utils.errors import FeatherFaceError
 from utils.evaluation.widerface_eval import SETTINGS, GroundTruthImage, evaluate_predictions, load_ground_truth
 from utils.inference.postprocess import WIDER_POSTPROCESS, detect_faces
@@ -59,7 +59,10 @@ class ValidationSet(Dataset):
     """
 
     def __init__(self, label_file: PathLike, image_root: Optional[PathLike], image_size: int) -> None:
-        self.dataset = WiderFaceDataset(label_file, image_root, keep_invalid=True)
+        try:
+            self.dataset = WiderFaceDataset(label_file, image_root, keep_invalid=True)
+        except LabelFormatError as exc:  # a user error: one sentence, exit 2 (utils.errors.run_cli)
+            raise FeatherFaceError(f"--val_dataset: {exc}") from None
         self.records = self.dataset.records
         self.transform = ValTransform(image_size)
         self.image_size = image_size
