@@ -9,7 +9,9 @@ statistics are gone, so it cannot be trained or saved as a FeatherFace checkpoin
 Pairs folded: consecutive (Conv2d | DeformableConv2d, BatchNorm2d) children of any
 nn.Sequential (backbone, BiFPN projections, V2 conv blocks, SSH branches, shuffle blocks),
 plus the attribute pairs listed in `_ATTRIBUTE_PAIRS` (V1 SeparableConv pointwise -> bn,
-CBAM spatial gate conv -> bn). The BN is replaced by nn.Identity.
+CBAM spatial gate conv -> bn). The BN is replaced by nn.Identity. The other inference folds
+(fusion weights, channel shuffles, merged heads, deformable-conv forms) are in
+utils/deploy/rewrites.py, which starts from this.
 """
 from __future__ import annotations
 
