@@ -2,7 +2,7 @@
 PyTorch, and optionally build a detection graph (decode + NMS inside), an INT8 copy and a
 self-contained deployment package.
 
-    python export_dynamic_onnx.py --weights weights/v2.pth --test_sizes --deployment_package
+    python export_dynamic_onnx.py --weights weights/featherface_v2/last.pth --test_sizes --deployment_package
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Side-by-side comparison of FeatherFace models: parameters, FLOPs, CPU latency and (with WIDER
 val data) easy / medium / hard AP.
 
-    python test_v1_v2_comparison.py --weights weights/v1_original.pth weights/v2.pth \
+    python test_v1_v2_comparison.py --weights weights/featherface_v1_original.pth weights/featherface_v2/last.pth \
         --dataset_folder WIDER_val/images --gt_dir ground_truth --output_md comparison.md
     python test_v1_v2_comparison.py --models v1 v2 --runs 20     # random init: size and speed only
 

@@ -77,3 +77,18 @@ def test_fresh_clone_quick_start_finds_the_8_faces(tmp_path):
     assert report["weights"] == str(PUBLISHED_WEIGHTS)
     assert len(report["images"][0]["faces"]) == 8
     assert (tmp_path / "group_8.jpg").is_file()
+
+
+def test_readme_layout_table_matches_the_tree():
+    """Every library module under utils/ and every tool is named in the README's Layout table, and
+    every top-level folder of the table exists."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Layout"):]
+    table = table[:table.index("\n## ", 1)]
+    modules = [p for p in (ROOT / "utils").rglob("*.py") if p.name != "__init__.py" and "template" not in p.parts]
+    modules += list((ROOT / "tools").glob("*.py"))
+    missing = [str(p.relative_to(ROOT)) for p in modules if f"`{p.name}`" not in table]
+    assert not missing, f"README Layout table does not name: {missing}"
+    for folder in ("models", "layers", "data", "utils/training", "utils/evaluation", "utils/inference",
+                   "utils/deploy", "docs", "weights", "tools"):
+        assert f"`{folder}/`" in table and (ROOT / folder).is_dir(), folder
