@@ -17,7 +17,7 @@ Sections (§) refer to docs/ARCHITECTURE.md.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,18 +28,47 @@ EPSILON = 1e-4  # fusion-weight normaliser (EfficientDet)
 Features = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def fuse(weights: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Fast normalised fusion: sum_i w_i x_i with w = relu(w_raw) / (sum relu(w_raw) + eps).
-
-    `weights` may hold more entries than `inputs` (V1's p5_w2 quirk: 3 weights, 2 inputs,
-    normalised over all 3); only the first len(inputs) are applied.
-    """
+def normalised_fusion_weights(weights: torch.Tensor) -> torch.Tensor:
+    """Fast normalised fusion weights: relu(w_raw) / (sum relu(w_raw) + eps)."""
     w = torch.relu(weights)
-    w = w / (w.sum() + EPSILON)
-    out = w[0] * inputs[0]
+    return w / (w.sum() + EPSILON)
+
+
+def weighted_sum(weights: Sequence, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sum_i w_i x_i over the inputs; `weights` may be longer (V1's p5_w2 quirk: 3 weights
+    normalised together, 2 inputs), and its extra entries are ignored."""
+    out = weights[0] * inputs[0]
     for i in range(1, len(inputs)):
-        out = out + w[i] * inputs[i]
+        out = out + weights[i] * inputs[i]
     return out
+
+
+def fuse(weights: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Fast normalised fusion (EfficientDet): sum_i w_i x_i with the normalised weights."""
+    return weighted_sum(normalised_fusion_weights(weights), inputs)
+
+
+class FusionWeights(nn.Module):
+    """Base of the BiFPN cells: their learnt fusion weights (p4_w1, p3_w1, p4_w2, p5_w2), applied
+    by `fuse_named`. `freeze_fusion_weights()` replaces them at run time by their normalised values
+    as Python constants (exact; used by the deployment form, utils/deploy/rewrites.py), so a traced
+    graph holds plain constants instead of recomputing relu / sum / divide on every call."""
+
+    FUSION_NAMES = ("p4_w1", "p3_w1", "p4_w2", "p5_w2")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen_fusion: dict | None = None
+
+    def fuse_named(self, name: str, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.frozen_fusion is not None:
+            return weighted_sum(self.frozen_fusion[name], inputs)
+        return fuse(getattr(self, name), inputs)
+
+    def freeze_fusion_weights(self) -> None:
+        with torch.no_grad():
+            self.frozen_fusion = {name: [float(v) for v in normalised_fusion_weights(getattr(self, name).double())]
+                                  for name in self.FUSION_NAMES}
 
 
 def upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -84,7 +113,7 @@ def projection(in_ch: int, out_ch: int, bias: bool) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=bias), nn.BatchNorm2d(out_ch, eps=1e-3, momentum=0.01))
 
 
-class BiFPNCell(nn.Module):
+class BiFPNCell(FusionWeights):
     """One V1 BiFPN cell (§2.3). The first cell projects the backbone maps (twice for
     P4/P5: separate projections feed the top-down and bottom-up paths)."""
 
@@ -114,12 +143,12 @@ class BiFPNCell(nn.Module):
             p3_in, p4_in, p5_in = self.p3_down_channel(c3), self.p4_down_channel(c4), self.p5_down_channel(c5)
         else:
             p3_in, p4_in, p5_in = feats
-        p4_td = self.conv4_up(F.silu(fuse(self.p4_w1, [p4_in, upsample_to(p5_in, p4_in)])))
-        p3_out = self.conv3_up(F.silu(fuse(self.p3_w1, [p3_in, upsample_to(p4_td, p3_in)])))
+        p4_td = self.conv4_up(F.silu(self.fuse_named("p4_w1", [p4_in, upsample_to(p5_in, p4_in)])))
+        p3_out = self.conv3_up(F.silu(self.fuse_named("p3_w1", [p3_in, upsample_to(p4_td, p3_in)])))
         if self.first:
             p4_in, p5_in = self.p4_down_channel_2(c4), self.p5_down_channel_2(c5)
-        p4_out = self.conv4_down(F.silu(fuse(self.p4_w2, [p4_in, p4_td, self.downsample(p3_out)])))
-        p5_out = self.conv5_down(F.silu(fuse(self.p5_w2, [p5_in, self.downsample(p4_out)])))
+        p4_out = self.conv4_down(F.silu(self.fuse_named("p4_w2", [p4_in, p4_td, self.downsample(p3_out)])))
+        p5_out = self.conv5_down(F.silu(self.fuse_named("p5_w2", [p5_in, self.downsample(p4_out)])))
         return p3_out, p4_out, p5_out
 
 
@@ -147,7 +176,7 @@ class DepthwiseSeparableConv(nn.Module):
         return self.block(x)
 
 
-class BiFPNLightCell(nn.Module):
+class BiFPNLightCell(FusionWeights):
     """One V2 BiFPN cell (§3). P5_out fuses [P5_in, pool(P4_out), pool(P4_td)]."""
 
     def __init__(self, channels: int, in_channels: Sequence[int] | None = None) -> None:
@@ -169,11 +198,11 @@ class BiFPNLightCell(nn.Module):
         if self.projections is not None:
             feats = [proj(f) for proj, f in zip(self.projections, feats)]
         p3_in, p4_in, p5_in = feats
-        p4_td = self.conv4_up(F.silu(fuse(self.p4_w1, [p4_in, upsample_to(p5_in, p4_in)])))
-        p3_out = self.conv3_up(F.silu(fuse(self.p3_w1, [p3_in, upsample_to(p4_td, p3_in)])))
-        p4_out = self.conv4_down(F.silu(fuse(self.p4_w2, [p4_in, p4_td, self.downsample(p3_out)])))
+        p4_td = self.conv4_up(F.silu(self.fuse_named("p4_w1", [p4_in, upsample_to(p5_in, p4_in)])))
+        p3_out = self.conv3_up(F.silu(self.fuse_named("p3_w1", [p3_in, upsample_to(p4_td, p3_in)])))
+        p4_out = self.conv4_down(F.silu(self.fuse_named("p4_w2", [p4_in, p4_td, self.downsample(p3_out)])))
         p5_out = self.conv5_down(
-            F.silu(fuse(self.p5_w2, [p5_in, self.downsample(p4_out), self.downsample(p4_td)]))
+            F.silu(self.fuse_named("p5_w2", [p5_in, self.downsample(p4_out), self.downsample(p4_td)]))
         )
         return p3_out, p4_out, p5_out
 

@@ -15,12 +15,12 @@ import torch
 
 from data.preprocess import preprocess
 from models import build_model
-from models.bifpn import BiFPNCell, BiFPNLightCell
+from models.bifpn import BiFPNCell, BiFPNLightCell, normalised_fusion_weights
 from models.deform_conv import DeformableConv2d
 from tests.conftest import ROOT
 from utils.deploy.fuse import count_batchnorms
 from utils.deploy.parity import TOLERANCES
-from utils.deploy.rewrites import (DEFORM_FORMS, DeformableSampler, deploy_model, fusion_weights, rebuilt_conv,
+from utils.deploy.rewrites import (DEFORM_FORMS, DeformableSampler, deploy_model, rebuilt_conv,
                                    shuffle_permutation)
 from utils.inference.detector import OUTPUT_NAMES
 
@@ -88,7 +88,7 @@ def test_helpers_are_exact():
     x = torch.arange(8.0).view(1, 8, 1, 1)
     from models.context import channel_shuffle
     assert torch.equal(channel_shuffle(x, 2, "official").view(-1), x.view(-1)[perm])
-    assert fusion_weights(torch.tensor([1.0, -1.0, 3.0]), 2) == pytest.approx([1 / 4.0001, 0.0])
+    assert normalised_fusion_weights(torch.tensor([1.0, -1.0, 3.0])).tolist()[:2] == pytest.approx([1 / 4.0001, 0.0])
     grouped = torch.nn.Conv2d(8, 16, 3, padding=1, groups=4)
     dense = rebuilt_conv(grouped, input_permutation=perm)
     assert dense.groups == 1
@@ -133,3 +133,24 @@ def test_real_weights_deployed_match(real_checkpoint):
         deployed = deploy_model(model, target=target)
         with torch.inference_mode():
             assert_within_tolerance(model(image), deployed(image), f"v1_original published {target}")
+
+
+def test_frozen_fusion_weights_are_exact_constants():
+    """A BiFPN cell with frozen fusion weights computes the same maps and keeps its state dict."""
+    import copy
+
+    from models.bifpn import BiFPNCell
+
+    torch.manual_seed(0)
+    cell = BiFPNCell(16, (8, 12, 20)).eval()
+    with torch.no_grad():
+        for name in cell.FUSION_NAMES:
+            getattr(cell, name).uniform_(-0.5, 2.0)
+    feats = (torch.randn(1, 8, 20, 18), torch.randn(1, 12, 10, 9), torch.randn(1, 20, 5, 5))
+    frozen = copy.deepcopy(cell)
+    frozen.freeze_fusion_weights()
+    assert list(frozen.state_dict()) == list(cell.state_dict())
+    assert all(isinstance(v, float) for values in frozen.frozen_fusion.values() for v in values)
+    with torch.no_grad():
+        for a, b in zip(cell(feats), frozen(feats)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -39,7 +39,6 @@ import torchvision
 from torch import nn
 
 from models.attention import CBAM, ChannelGate, SharedCBAM, SpatialGate
-from models.bifpn import EPSILON, BiFPNCell, BiFPNLightCell
 from models.context import SSH, ChannelShuffle, SSHGrouped, channel_shuffle
 from models.deform_conv import DeformableConv2d, deform_conv2d
 from models.featherface import FeatherFace
@@ -59,13 +58,6 @@ def _check(value: str, allowed: Sequence[str], what: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Weight-level helpers
-
-
-def fusion_weights(raw: torch.Tensor, used: int) -> List[float]:
-    """The BiFPN's normalised fusion weights relu(w) / (sum relu(w) + eps), first `used` of them."""
-    w = torch.relu(raw.detach().double())
-    w = w / (w.sum() + EPSILON)
-    return [float(v) for v in w[:used]]
 
 
 def shuffle_permutation(channels: int, groups: int, order: str) -> torch.Tensor:
@@ -161,57 +153,6 @@ def residual_attention_layers(attention: Optional[nn.Module], onnx: bool) -> Opt
     if isinstance(attention, nn.ModuleList) and all(isinstance(m, CBAM) for m in attention):
         return nn.ModuleList(ResidualCBAM(m.channel_gate, m.spatial_gate, onnx) for m in attention)
     raise TypeError(f"unsupported attention module {type(attention).__name__}")
-
-
-# ---------------------------------------------------------------------------------------------
-# BiFPN
-
-
-def _weighted_sum(weights: Sequence[float], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    out = weights[0] * inputs[0]
-    for w, x in zip(weights[1:], inputs[1:]):
-        out = out + w * x
-    return out
-
-
-def _upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(x, size=ref.shape[-2:], mode="nearest")
-
-
-class ConstantWeightCell(nn.Module):
-    """A V1 (`BiFPNCell`) or V2 (`BiFPNLightCell`) cell with its fusion weights as constants."""
-
-    def __init__(self, cell: nn.Module) -> None:
-        super().__init__()
-        self.light = isinstance(cell, BiFPNLightCell)
-        if not (self.light or isinstance(cell, BiFPNCell)):
-            raise TypeError(f"unsupported BiFPN cell {type(cell).__name__}")
-        self.cell = cell
-        self.w4_td = fusion_weights(cell.p4_w1, 2)
-        self.w3_out = fusion_weights(cell.p3_w1, 2)
-        self.w4_out = fusion_weights(cell.p4_w2, 3)
-        # V1's p5_w2 holds 3 weights normalised together, of which the first 2 are used.
-        self.w5_out = fusion_weights(cell.p5_w2, 3 if self.light else 2)
-
-    def forward(self, feats: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        c = self.cell
-        if self.light:
-            if c.projections is not None:
-                feats = [proj(f) for proj, f in zip(c.projections, feats)]
-            p3_in, p4_in, p5_in = feats
-        elif c.first:
-            c3, c4, c5 = feats
-            p3_in, p4_in, p5_in = c.p3_down_channel(c3), c.p4_down_channel(c4), c.p5_down_channel(c5)
-        else:
-            p3_in, p4_in, p5_in = feats
-        p4_td = c.conv4_up(F.silu(_weighted_sum(self.w4_td, [p4_in, _upsample_to(p5_in, p4_in)])))
-        p3_out = c.conv3_up(F.silu(_weighted_sum(self.w3_out, [p3_in, _upsample_to(p4_td, p3_in)])))
-        if not self.light and c.first:
-            p4_in, p5_in = c.p4_down_channel_2(c4), c.p5_down_channel_2(c5)
-        p4_out = c.conv4_down(F.silu(_weighted_sum(self.w4_out, [p4_in, p4_td, c.downsample(p3_out)])))
-        p5_inputs = [p5_in, c.downsample(p4_out)] + ([c.downsample(p4_td)] if self.light else [])
-        p5_out = c.conv5_down(F.silu(_weighted_sum(self.w5_out, p5_inputs)))
-        return p3_out, p4_out, p5_out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +373,9 @@ class DeployedFeatherFace(nn.Module):
         self.target, self.deform = target, deform
         self.body = m.body
         self.backbone_attention = residual_attention_layers(m.backbone_cbam, onnx)
-        self.bifpn = nn.Sequential(*[ConstantWeightCell(cell) for cell in m.bifpn])
+        for cell in m.bifpn:  # fusion weights as constants (models/bifpn.py FusionWeights)
+            cell.freeze_fusion_weights()
+        self.bifpn = m.bifpn
         self.bifpn_attention = residual_attention_layers(m.bifpn_cbam, onnx)
         form_for = _form_rule(target, deform)
         self.context = nn.ModuleList(
