@@ -504,7 +504,8 @@ class Trainer:
         counts = {k: n if self.is_main else 0 for k, n in partial.get("counts", {}).items()}
         steps, images_seen, start = 0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{args.epochs}", initial=state.epoch_iter,
-                   total=self.iters_per_epoch, disable=args.quiet or not self.is_main, dynamic_ncols=True)
+                   total=self.iters_per_epoch, dynamic_ncols=True,
+                   disable=True if args.quiet or not self.is_main else None)  # None: off when not a TTY
         for images, targets in bar:
             parts = self.train_step(images, targets)
             state.iteration += 1
