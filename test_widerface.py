@@ -1,6 +1,6 @@
 """WIDER FACE validation: predict with a checkpoint (or .onnx export), then easy / medium / hard AP.
 
-    python test_widerface.py --weights weights/v1_original.pth \
+    python test_widerface.py --weights weights/featherface_v1_original.pth \
         --dataset_folder data/widerface/WIDER_val/images --gt_dir data/widerface/ground_truth
 
 Without extra flags this is the published FeatherFace test_widerface.py's protocol, the one its

@@ -3,7 +3,7 @@
     python train.py --network mobile0.25 --epochs 350                      # one GPU
     torchrun --nproc_per_node 4 train.py --network mobile0.25 --epochs 350  # several GPUs
     python train.py --epochs 2 --image_size 320 --batch_size 4 --device cpu # CPU, shipped sample
-    python train.py --init_weights weights/v1_original.pth --lr 1e-4 ...   # fine-tune trained weights
+    python train.py --init_weights weights/featherface_v1_original.pth --lr 1e-4 ...   # fine-tune trained weights
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 and the benchmark.
 
     from utils.inference.detector import FaceDetector
-    detector = FaceDetector("weights/v1_original.pth")        # or an exported .onnx file
+    detector = FaceDetector("weights/featherface_v1_original.pth")        # or an exported .onnx file
     faces = detector.detect(cv2.imread("photo.jpg"))          # [Face(box, score, landmarks)]
 
 Preprocessing (data/preprocess.py), priors (cached per input size), decode and NMS
