@@ -4,14 +4,15 @@
 fusion, Swish, separable convs without activation). `BiFPNLight` is V2's cell (§3:
 depthwise-separable conv blocks with ReLU inside, SiLU fusion, P5 fusing three inputs).
 
-Shape handling is written so that nothing is computed from the runtime shape in Python
-(dynamic ONNX export) and any input size works:
+Shape handling is written so that any input size works and the ONNX export keeps batch, H and
+W dynamic:
 - "same" 3x3 stride-1 convs are symmetric padding 1 (identical to TF-"same" for stride 1);
 - up-sampling is nearest to the exact size of the finer map (as the published code does, so
   it runs at every input size, odd feature maps included);
 - V1's 3x3/2 max-pool reproduces the published TF-"same" zero padding exactly for every map
   size n: extra = (ceil(n/2) - 1) * 2 - n + 3 rows, extra // 2 before and the rest after,
-  i.e. 0 before / 1 after for even n and 1 / 1 for odd n (see `SameMaxPool`).
+  i.e. 0 before / 1 after for even n and 1 / 1 for odd n (see `SameMaxPool`; in ONNX the
+  padding is computed from the map's shape inside the graph).
 
 Sections (§) refer to docs/ARCHITECTURE.md.
 """
@@ -76,23 +77,42 @@ def upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=ref.shape[-2:], mode="nearest")
 
 
+def same_max_pool(x: torch.Tensor) -> torch.Tensor:
+    """3x3 stride-2 max-pool with TF-"same" zero padding: (0 before, 1 after) on an even side,
+    (1, 1) on an odd one. (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))."""
+    h, w = x.shape[-2], x.shape[-1]
+    return F.max_pool2d(F.pad(x, [w % 2, 1, h % 2, 1]), 3, 2)
+
+
+@torch.library.custom_op("featherface::same_max_pool", mutates_args=())
+def same_max_pool_op(x: torch.Tensor) -> torch.Tensor:
+    """`same_max_pool` as one opaque op for the ONNX exporter. torch.export cannot prove that
+    the parity padding's output size equals ceil(n/2) (it must, to add the pooled map to the
+    next level), so the exporter sees this op with that size declared, and
+    utils/deploy/export.py translates it to Shape -> Mod -> Pad -> MaxPool."""
+    return same_max_pool(x)
+
+
+@same_max_pool_op.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    return x.new_empty(b, c, (h + 1) // 2, (w + 1) // 2)
+
+
 class SameMaxPool(nn.Module):
     """3x3 stride-2 max-pool with TF-"same" zero padding, exact for every input size.
 
     TF-"same" pads (0 before, 1 after) an even side and (1, 1) an odd one, so the last
-    window is always centred on the last row/column: the windows are anchored at the
-    bottom/right edge. Pooling the flipped map with a fixed zero padding of 1 on every side
-    and flipping back gives exactly those windows, with no size-dependent padding: the graph
-    stays free of shape arithmetic (torch.export cannot resolve `n % 2` pads) and batch, H
-    and W stay dynamic in the ONNX export. Output (B, C, ceil(H/2), ceil(W/2)).
+    window is always centred on the last row/column. In eager mode that padding is applied
+    directly (`same_max_pool`); in an ONNX export the op is opaque (`same_max_pool_op`) and
+    becomes a Pad whose amounts are computed from the input shape in the graph, so batch, H
+    and W stay dynamic. Output (B, C, ceil(H/2), ceil(W/2)).
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.pool = nn.MaxPool2d(3, 2)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(F.pad(x.flip(-2, -1), [1, 1, 1, 1])).flip(-2, -1)
+        if torch.onnx.is_in_onnx_export():
+            return same_max_pool_op(x)
+        return same_max_pool(x)
 
 
 class SeparableConv(nn.Module):

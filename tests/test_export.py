@@ -384,3 +384,24 @@ def test_gridsample_export_has_no_deformconv_and_matches(tmp_path):
     rows = check_parity(model, path, [(1, 128, 160), (2, 97, 131)])
     assert all(r.ok for r in rows), format_parity(rows)
     assert json.loads(read_metadata(path)["featherface_graph_form"])["deformable_conv"] == "gridsample"
+
+
+def test_same_max_pool_exports_as_a_shape_computed_pad(tmp_path):
+    """V1's TF-"same" pool becomes Shape -> Mod -> Pad -> MaxPool in ONNX: one graph exact for both
+    parities of H and W (the padding before is H % 2, W % 2), with no flips (negative-step Slices)."""
+    from models.bifpn import SameMaxPool
+    from utils.deploy.export import _export, _input_dims
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), SameMaxPool()).eval()
+    path = tmp_path / "pool.onnx"
+    _export(module, (torch.zeros(1, 3, 64, 64),), path, ["input"], ["output"], (_input_dims(),), 20)
+    counts = op_counts(path)
+    assert counts.get("Pad") == 1 and counts.get("MaxPool") == 1 and "Slice" not in counts, counts
+    session = ort_session(path, threads=1)
+    for h, w in [(64, 64), (65, 64), (64, 65), (33, 47), (32, 33)]:
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            expected = module(x)
+        got = session.run(None, {"input": x.numpy()})[0]
+        assert got.shape == (2, 8, (h + 1) // 2, (w + 1) // 2)
+        np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-5)  # the conv rounds differently
