@@ -350,7 +350,9 @@ class _DeformConv2dFast(torch.autograd.Function):
             out += bias
         ctx.save_for_backward(table, idx, weights, ly, lx, mask, w_taps)
         ctx.meta = (b, cin, h, w, cout, ho, wo, kernel, project, bias is not None)
-        return out.view(b, ho, wo, cout).permute(0, 3, 1, 2).contiguous()
+        out = out.view(b, ho, wo, cout).permute(0, 3, 1, 2)  # a channels-last view
+        # Channels-last in, channels-last out (no copy); otherwise the usual contiguous NCHW.
+        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable

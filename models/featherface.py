@@ -84,6 +84,10 @@ class FeatherFace(nn.Module):
         return [shuffle(ssh(f)) for ssh, shuffle, f in zip(self.ssh, self.shuffle, feats)]
 
     def forward(self, x: torch.Tensor) -> Outputs:
+        if not self.training and x.device.type == "cpu" and not torch.onnx.is_in_onnx_export():
+            # Inference on the CPU runs channels-last: oneDNN's convolutions and the pools then
+            # skip a layout conversion per layer (about 25 % of v1's eager time at 640x640).
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = self.features(x)
         bbox = self.bbox_head(feats)  # (B, N, 4)
         cls = self.class_head(feats)  # (B, N, 2)
