@@ -14,6 +14,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision.ops
 from torch import Tensor
 
@@ -164,9 +165,10 @@ def deform_conv2d_fast(
         return input.new_zeros(0, cout, ho, wo)
     if mask is None:
         mask = offset.new_ones(b, taps, ho, wo)
-    return _DeformConv2dFast.apply(
-        input, offset, mask, weight, bias, (kh, kw), (sh, sw), (ph, pw), (dh, dw)
-    )
+    geometry = ((kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, offset, mask, weight, bias)):
+        return _DeformConv2dFast.apply(input, offset, mask, weight, bias, *geometry)
+    return _deform_conv2d_inference(input, offset, mask, weight, bias, *geometry)
 
 
 def _sampling_plan(
@@ -228,6 +230,90 @@ def _sampling_plan(
     n = b * p
     ly, lx = frac[:, 0].reshape(taps, n), frac[:, 1].reshape(taps, n)
     return idx.view(taps, 4, n), weights.view(taps, 4, n), ly, lx
+
+
+def _inference_plan(
+    offset: Tensor,
+    mask: Tensor,
+    in_hw: Tuple[int, int],
+    kernel: Tuple[int, int],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+) -> Tuple[Tensor, Tensor]:
+    """`_sampling_plan` laid out per output location for `embedding_bag`: rows (N, K, 4) int64 of
+    the zero-bordered table and weights (N, K, 4) = mask x bilinear factors; N = B*Ho*Wo,
+    corners ordered (y0,x0), (y0,x1), (y1,x0), (y1,x1). Same arithmetic and border rule."""
+    b, _, ho, wo = offset.shape
+    h, w = in_hw
+    kh, kw = kernel
+    taps, dev, dt = kh * kw, offset.device, offset.dtype
+    off = offset.permute(0, 2, 3, 1).reshape(b, ho, wo, taps, 2)  # a view for channels-last offsets
+    tap_y = torch.arange(kh, device=dev).repeat_interleave(kw) * dilation[0] - padding[0]
+    tap_x = torch.arange(kw, device=dev).repeat(kh) * dilation[1] - padding[1]
+    grid_y = (torch.arange(ho, device=dev) * stride[0]).view(ho, 1, 1) + tap_y  # (Ho, 1, K)
+    grid_x = (torch.arange(wo, device=dev) * stride[1]).view(1, wo, 1) + tap_x  # (1, Wo, K)
+    pos_y, pos_x = off[..., 0] + grid_y.to(dt), off[..., 1] + grid_x.to(dt)  # (B, Ho, Wo, K)
+    low_y, low_x = pos_y.floor(), pos_x.floor()
+    fy, fx = pos_y - low_y, pos_x - low_x
+    m = mask.permute(0, 2, 3, 1)
+    wy0, wx0 = 1 - fy, 1 - fx
+    weights = torch.stack([wy0 * wx0, wy0 * fx, fy * wx0, fy * fx], -1) * m.unsqueeze(-1)
+    wp = w + 2
+    index_dt = dt if (h + 2) * wp < 2**24 else torch.float64
+    low_y = torch.nan_to_num(low_y.to(index_dt), nan=-1.0)
+    low_x = torch.nan_to_num(low_x.to(index_dt), nan=-1.0)
+    row0 = (low_y.clamp(-1, h) + 1) * wp
+    row1 = ((low_y + 1).clamp(-1, h) + 1) * wp
+    col0 = low_x.clamp(-1, w) + 1
+    col1 = (low_x + 1).clamp(-1, w) + 1
+    rows = torch.stack([row0 + col0, row0 + col1, row1 + col0, row1 + col1], -1).long()
+    if b > 1:
+        rows += torch.arange(b, device=dev).view(b, 1, 1, 1, 1) * ((h + 2) * wp)
+    n = b * ho * wo
+    return rows.view(n, taps, 4), weights.reshape(n, taps, 4)
+
+
+def _deform_conv2d_inference(
+    x: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    kernel: Tuple[int, int],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+) -> Tensor:
+    """Forward without autograd: every bilinear blend is one `embedding_bag` (weighted sum of
+    gathered table rows, a fused CPU kernel) instead of gather + four blend passes.
+
+    Narrowing layers (4 Cout <= Cin) project first: each tap's weight slice mixes the table to
+    Cout channels and one bag of 4K rows per location sums the taps too. Otherwise each
+    (location, tap) bag samples Cin channels and one matrix multiply mixes them. On the 2-core
+    CPU at 80x80 this is 1.4-2x faster than the autograd path (`_DeformConv2dFast`).
+    """
+    b, cin, h, w = x.shape
+    cout = weight.shape[0]
+    ho, wo = offset.shape[2:]
+    rows, weights = _inference_plan(offset, mask, (h, w), kernel, stride, padding, dilation)
+    n, taps = rows.shape[:2]
+    table = _bordered_table(x)
+    w_taps = weight.permute(2, 3, 1, 0).reshape(taps, cin, cout)  # (K, Cin, Cout)
+    if 4 * cout <= cin:
+        # (R, K*Cout) viewed as (R*K, Cout): table row r mixed by tap k sits at row r*K + k.
+        mixed = torch.mm(table, w_taps.transpose(0, 1).reshape(cin, taps * cout)).view(-1, cout)
+        tap_rows = rows * taps + torch.arange(taps, device=x.device).view(1, taps, 1)
+        out = F.embedding_bag(tap_rows.view(n, 4 * taps), mixed, per_sample_weights=weights.view(n, 4 * taps),
+                              mode="sum")
+    else:
+        sampled = F.embedding_bag(rows.view(n * taps, 4), table, per_sample_weights=weights.view(n * taps, 4),
+                                  mode="sum")
+        out = torch.mm(sampled.view(n, taps * cin), w_taps.reshape(taps * cin, cout))
+    if bias is not None:
+        out += bias
+    out = out.view(b, ho, wo, cout).permute(0, 3, 1, 2)
+    return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
 
 def _bordered_table(x: Tensor) -> Tensor:

@@ -81,6 +81,36 @@ def test_fast_matches_torchvision_values_and_grads(
         torch.testing.assert_close(g, g_ref, **TOL, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
+@pytest.mark.parametrize(
+    "b,cin,cout,h,w,stride,bias,channels_last",
+    [
+        (2, 8, 4, 7, 9, 1, False, False),  # samples Cin channels, then mixes
+        (2, 12, 3, 10, 7, 2, True, False),  # 4 Cout <= Cin: mixes first, one bag sums every tap
+        (1, 52, 13, 9, 11, 1, True, True),  # FeatherFace's 52 -> 13 SSH layer, channels-last
+        (2, 13, 13, 5, 6, 1, False, True),
+        (2, 6, 6, 9, 8, 2, True, True),
+    ],
+)
+def test_inference_path_matches_torchvision(b, cin, cout, h, w, stride, bias, channels_last, monkeypatch):
+    """Without autograd the fast path samples with embedding_bag (`_deform_conv2d_inference`)."""
+    tensors, conv = make_inputs(b, cin, cout, h, w, stride=stride, bias=bias)
+    x, offset, mask, weight = (t.detach() for t in tensors[:4])
+    b_ = tensors[4].detach() if bias else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = torchvision_fn(x, offset, weight, b_, *conv, mask)
+
+    def autograd_path(*args):
+        raise AssertionError("the autograd path ran without autograd")
+
+    monkeypatch.setattr(dc._DeformConv2dFast, "apply", autograd_path)
+    out = deform_conv2d_fast(x, offset, weight, b_, *conv, mask)
+    torch.testing.assert_close(out, ref, **TOL)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    with torch.no_grad():  # inputs that require grad, under no_grad: still the inference path
+        torch.testing.assert_close(deform_conv2d_fast(x.requires_grad_(), offset, weight, b_, *conv, mask), ref, **TOL)
+
+
 @pytest.mark.parametrize("cin,cout", [(8, 3), (3, 8)])
 @pytest.mark.parametrize("which", [0, 1, 2, 3, (0, 3), (1, 2)])
 def test_partial_grads_match_torchvision(cin, cout, which, taps_per_chunk):
