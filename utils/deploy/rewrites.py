@@ -404,9 +404,10 @@ class DeployedFeatherFace(nn.Module):
 def _form_rule(target: str, deform: str) -> Callable[[int, int], str]:
     """Which sampler each deformable conv gets, from (Cin, Cout)."""
     if target == "torch":
-        # PyTorch's grid_sample kernel beats the model's own sampler where few values are sampled
-        # per pixel (52->13 at 80x80: about 5 vs 10 ms, 1 thread); elsewhere the sampler wins.
-        return lambda cin, cout: "gridsample" if 2 * cout < cin else "torch"
+        # The model's own no-grad sampler (embedding_bag, models/deform_conv.py) beats PyTorch's
+        # grid_sample on FeatherFace's SSH layers (2 threads, 80x80: 52->26 7.4 vs 10.1 ms, 52->13
+        # 5.2 vs 6.1, 13->13 3.7 vs 5.8).
+        return lambda cin, cout: "torch"
     if deform == "auto":
         # Projected sampling reads K*Cout instead of K*Cin values per pixel: it pays when Cout < Cin.
         return lambda cin, cout: "projected" if cout < cin else "deformconv"
