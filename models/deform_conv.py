@@ -180,70 +180,12 @@ def _sampling_plan(
     padding: Tuple[int, int],
     dilation: Tuple[int, int],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Corner rows, blend weights and fractional parts for every (tap, output location).
+    """Corner rows, blend weights and fractional parts for every (output location, tap).
 
-    Returns idx (K, 4, N) int64 rows of the zero-bordered channels-last table, weights (K, 4, N)
-    = mask x bilinear factors, ly and lx (K, N); N = B*Ho*Wo, corners ordered
-    (y0,x0), (y0,x1), (y1,x0), (y1,x1).
+    Returns rows (N, K, 4) int64 of the zero-bordered channels-last table (`_bordered_table`),
+    weights (N, K, 4) = mask x bilinear factors, and the fractional parts fy, fx (N, K) of the
+    sample positions; N = B*Ho*Wo, corners ordered (y0,x0), (y0,x1), (y1,x0), (y1,x1).
     """
-    b, _, ho, wo = offset.shape
-    h, w = in_hw
-    kh, kw = kernel
-    taps, p = kh * kw, ho * wo
-    dev, dt = offset.device, offset.dtype
-    # Integer grid position of every tap at every output location, (K, 2, P) as (y, x).
-    tap_y = torch.arange(kh, device=dev).repeat_interleave(kw) * dilation[0] - padding[0]
-    tap_x = torch.arange(kw, device=dev).repeat(kh) * dilation[1] - padding[1]
-    out_y = (torch.arange(ho, device=dev) * stride[0]).repeat_interleave(wo)
-    out_x = (torch.arange(wo, device=dev) * stride[1]).repeat(ho)
-    grid = torch.stack([tap_y[:, None] + out_y, tap_x[:, None] + out_x], 1).to(dt)
-    # Same arithmetic as torchvision: integer grid position (as float) plus the learned offset.
-    pos = torch.add(offset.view(b, taps, 2, p).permute(1, 2, 0, 3), grid.unsqueeze(2),
-                    out=offset.new_empty(taps, 2, b, p))  # (K, axis, B, P)
-    low = pos.floor()
-    frac = pos.sub_(low)
-    # Per axis, corner j=0 gets 1 - frac and corner j=1 gets frac: (K, j, axis, B, P).
-    corner_of = frac.new_tensor([0.0, 1.0]).view(1, 2, 1, 1, 1)
-    axis_weights = torch.addcmul(1 - corner_of, 2 * corner_of - 1, frac.unsqueeze(1))
-    weights = torch.mul(axis_weights[:, :, 0].unsqueeze(2), axis_weights[:, :, 1].unsqueeze(1),
-                        out=offset.new_empty(taps, 2, 2, b, p))  # (K, jy, jx, B, P)
-    weights.mul_(mask.view(b, taps, p).transpose(0, 1).view(taps, 1, 1, b, p))
-    # The table has a one-pixel zero border, so clamping a corner to [-1, H] (or [-1, W]) lands
-    # it on a zero whenever it lies outside the image: torchvision's per-corner validity rule,
-    # without masks. Clamping in float first keeps huge offsets from overflowing int64.
-    # Row/column arithmetic stays in float (exact below 2**24) until one final conversion.
-    wp = w + 2
-    index_dt = dt if (h + 2) * wp < 2**24 else torch.float64
-    # NaN offsets must give NaN outputs (caught as a non-finite loss), not an index error.
-    low = torch.nan_to_num(low.to(index_dt), nan=-1.0)
-    rows = low.new_empty(taps, 2, b, p)  # (K, jy, B, P)
-    cols = low.new_empty(taps, 2, b, p)  # (K, jx, B, P)
-    torch.clamp(low[:, 0], -1, h, out=rows[:, 0])
-    torch.clamp(low[:, 0] + 1, -1, h, out=rows[:, 1])
-    torch.clamp(low[:, 1], -1, w, out=cols[:, 0])
-    torch.clamp(low[:, 1] + 1, -1, w, out=cols[:, 1])
-    rows.add_(1).mul_(wp)
-    cols.add_(1)
-    idx = torch.add(rows.unsqueeze(2), cols.unsqueeze(1)).long()  # (K, jy, jx, B, P)
-    if b > 1:
-        idx += torch.arange(b, device=dev).view(b, 1) * ((h + 2) * wp)
-    n = b * p
-    ly, lx = frac[:, 0].reshape(taps, n), frac[:, 1].reshape(taps, n)
-    return idx.view(taps, 4, n), weights.view(taps, 4, n), ly, lx
-
-
-def _inference_plan(
-    offset: Tensor,
-    mask: Tensor,
-    in_hw: Tuple[int, int],
-    kernel: Tuple[int, int],
-    stride: Tuple[int, int],
-    padding: Tuple[int, int],
-    dilation: Tuple[int, int],
-) -> Tuple[Tensor, Tensor]:
-    """`_sampling_plan` laid out per output location for `embedding_bag`: rows (N, K, 4) int64 of
-    the zero-bordered table and weights (N, K, 4) = mask x bilinear factors; N = B*Ho*Wo,
-    corners ordered (y0,x0), (y0,x1), (y1,x0), (y1,x1). Same arithmetic and border rule."""
     b, _, ho, wo = offset.shape
     h, w = in_hw
     kh, kw = kernel
@@ -253,12 +195,18 @@ def _inference_plan(
     tap_x = torch.arange(kw, device=dev).repeat(kh) * dilation[1] - padding[1]
     grid_y = (torch.arange(ho, device=dev) * stride[0]).view(ho, 1, 1) + tap_y  # (Ho, 1, K)
     grid_x = (torch.arange(wo, device=dev) * stride[1]).view(1, wo, 1) + tap_x  # (1, Wo, K)
+    # Same arithmetic as torchvision: integer grid position (as float) plus the learned offset.
     pos_y, pos_x = off[..., 0] + grid_y.to(dt), off[..., 1] + grid_x.to(dt)  # (B, Ho, Wo, K)
     low_y, low_x = pos_y.floor(), pos_x.floor()
     fy, fx = pos_y - low_y, pos_x - low_x
     m = mask.permute(0, 2, 3, 1)
     wy0, wx0 = 1 - fy, 1 - fx
     weights = torch.stack([wy0 * wx0, wy0 * fx, fy * wx0, fy * fx], -1) * m.unsqueeze(-1)
+    # The table has a one-pixel zero border, so clamping a corner to [-1, H] (or [-1, W]) lands
+    # it on a zero whenever it lies outside the image: torchvision's per-corner validity rule,
+    # without masks. Clamping in float first keeps huge offsets from overflowing int64; the
+    # row/column arithmetic stays in float (exact below 2**24) until one final conversion.
+    # NaN offsets must give NaN outputs (caught as a non-finite loss), not an index error.
     wp = w + 2
     index_dt = dt if (h + 2) * wp < 2**24 else torch.float64
     low_y = torch.nan_to_num(low_y.to(index_dt), nan=-1.0)
@@ -271,7 +219,7 @@ def _inference_plan(
     if b > 1:
         rows += torch.arange(b, device=dev).view(b, 1, 1, 1, 1) * ((h + 2) * wp)
     n = b * ho * wo
-    return rows.view(n, taps, 4), weights.reshape(n, taps, 4)
+    return rows.view(n, taps, 4), weights.reshape(n, taps, 4), fy.reshape(n, taps), fx.reshape(n, taps)
 
 
 def _deform_conv2d_inference(
@@ -296,7 +244,7 @@ def _deform_conv2d_inference(
     b, cin, h, w = x.shape
     cout = weight.shape[0]
     ho, wo = offset.shape[2:]
-    rows, weights = _inference_plan(offset, mask, (h, w), kernel, stride, padding, dilation)
+    rows, weights, _, _ = _sampling_plan(offset, mask, (h, w), kernel, stride, padding, dilation)
     n, taps = rows.shape[:2]
     table = _bordered_table(x)
     w_taps = weight.permute(2, 3, 1, 0).reshape(taps, cin, cout)  # (K, Cin, Cout)
@@ -397,9 +345,10 @@ class _DeformConv2dFast(torch.autograd.Function):
         cout = weight.shape[0]
         ho, wo = offset.shape[2:]
         mask = mask.contiguous()
-        idx, weights, ly, lx = _sampling_plan(
-            offset.contiguous(), mask, (h, w), kernel, stride, padding, dilation
-        )
+        rows_, weights_, fy, fx = _sampling_plan(offset, mask, (h, w), kernel, stride, padding, dilation)
+        # Tap-major for the chunked gathers: idx and weights (K, 4, N), ly and lx (K, N).
+        idx, weights = rows_.permute(1, 2, 0).contiguous(), weights_.permute(1, 2, 0).contiguous()
+        ly, lx = fy.t().contiguous(), fx.t().contiguous()
         table = _bordered_table(x)
         rows, taps, n = table.shape[0], idx.shape[0], idx.shape[-1]
         # (K, Cin, Cout): tap t's slice of the kernel, ready to right-multiply channels-last rows.
