@@ -80,7 +80,3 @@ def all_gather_object(obj: Any) -> List[Any]:
     dist.all_gather_object(out, obj)
     return out
 
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()

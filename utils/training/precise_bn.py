@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from utils.training import distributed as ddp
+
 
 def batchnorm_layers(model: nn.Module) -> List[_BatchNorm]:
     """The BN layers of `model` that keep running statistics."""
@@ -63,8 +65,8 @@ def recompute_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor]) -> int
         for bn, (momentum, *_) in zip(layers, saved):
             bn.momentum = momentum
         model.train(was_training)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        world = dist.get_world_size()
+    if ddp.is_distributed():
+        world = ddp.get_world_size()
         for bn in layers:
             for stat in (bn.running_mean, bn.running_var):
                 dist.all_reduce(stat)

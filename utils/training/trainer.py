@@ -32,8 +32,7 @@ from layers.gradient_clipper import GradientClipper
 from layers.multibox_loss import MultiBoxLoss
 from layers.prior_box import prior_boxes_for
 from layers.training_monitor import TrainingMonitor
-from utils.checkpoint import load_checkpoint, load_pretrained_backbone, load_state_strict, save_checkpoint, unwrap
-from utils.checkpoint import checkpoint_blob
+from utils.checkpoint import checkpoint_blob, load_checkpoint, load_pretrained_backbone, load_state_strict, unwrap
 from utils.errors import CheckpointError, FeatherFaceError
 from utils.training import distributed as ddp
 from utils.training.precise_bn import recompute_bn_stats
@@ -240,8 +239,7 @@ class Trainer:
         self.args = args
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.device = self._setup_device(args.device)
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.world = dist.get_world_size() if self.distributed else 1
+        self.rank, self.world = ddp.get_rank(), ddp.get_world_size()
         self.is_main = self.rank == 0
         set_seed(args.seed + self.rank)
         self.amp = bool(args.amp and self.device.type == "cuda")
@@ -373,10 +371,8 @@ class Trainer:
                 f"{path} was trained as '{blob['model_config'].get('name')}', this run builds '{net.config.name}'"
             )
         load_state_strict(net, blob["model"], path)
-        saved = RunState(**{**blob["run_state"], "stop_reason": ""})
-        self.state, real = saved, self.state
+        self.state = RunState(**{**blob["run_state"], "stop_reason": ""})
         position = self.position()
-        self.state = real
         changes = check_resume(path, blob.get("args", {}), blob.get("run", {}), vars(self.args),
                                self.run_identity, position)  # refuses what would move the position
         self.optimizer.load_state_dict(blob["optimizer"])
@@ -385,7 +381,6 @@ class Trainer:
             self.scaler.load_state_dict(blob["scaler"])
         else:
             changes.append("the AMP loss scale starts afresh (the checkpoint was trained without --amp)")
-        self.state = saved
         # The command line's optimizer options, and the LR its schedule gives at this iteration.
         apply_optimizer_options(self.optimizer, vars(self.args))
         self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
@@ -559,8 +554,7 @@ class Trainer:
                     metrics["precise_bn_s"] = bn_seconds
                 if args.max_iters and state.iteration >= args.max_iters and state.epoch_iter < self.iters_per_epoch:
                     state.stop_reason = f"--max_iters {args.max_iters} reached"
-                    self.save("last.pth")
-                    break
+                    break  # last.pth is written below, with the stop reason
                 if self.val_set is not None and ((state.epoch + 1) % args.val_interval == 0
                                                  or state.epoch + 1 == args.epochs):
                     metrics.update(self.validate_once())
@@ -636,9 +630,9 @@ def init_from_checkpoint(model: nn.Module, path: str, log) -> None:
     a message naming them."""
     blob = load_checkpoint(path)
     net = unwrap(model)
-    saved = blob["model_config"]
-    if saved != net.config.to_dict():
-        changed = sorted(k for k in set(saved) | set(net.config.to_dict()) if saved.get(k) != net.config.to_dict().get(k))
+    saved, own = blob["model_config"], net.config.to_dict()
+    if saved != own:
+        changed = sorted(k for k in set(saved) | set(own) if saved.get(k) != own.get(k))
         raise CheckpointError(f"--init_weights {path} holds a '{saved.get('name')}' model, this run trains "
                               f"'{net.config.name}' (differing config fields: {', '.join(changed)}); "
                               f"pick the matching --model")

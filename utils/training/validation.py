@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from data.augment import ValTransform
 from data.wider_face import LabelFormatError, PathLike, WiderFaceDataset, detection_collate
 from utils.errors import FeatherFaceError
+from utils.evaluation.predict import to_xywh_score
 from utils.evaluation.widerface_eval import SETTINGS, GroundTruthImage, evaluate_predictions, load_ground_truth
 from utils.inference.postprocess import WIDER_POSTPROCESS, detect_faces
 
@@ -98,16 +99,8 @@ def label_ground_truth(records: Sequence) -> Tuple[GroundTruthImage, ...]:
 def ap50_over_labels(detections: Sequence[np.ndarray], records: Sequence) -> float:
     """AP at IoU 0.5 of per-image detections ((K, >=5) x1 y1 x2 y2 score, original pixels)
     against label-file records, by the official protocol (invalid faces ignored)."""
-    preds = {LABEL_EVENT: {str(i): _det_xywh(d) for i, d in enumerate(detections)}}
+    preds = {LABEL_EVENT: {str(i): to_xywh_score(d, integer=False) for i, d in enumerate(detections)}}
     return float(evaluate_predictions(preds, label_ground_truth(records))[SETTINGS[0]])
-
-
-def _det_xywh(detections: np.ndarray) -> np.ndarray:
-    """(K, >=5) x1 y1 x2 y2 score -> (K, 5) x y w h score, as the evaluator reads them."""
-    d = np.asarray(detections, dtype=np.float64)
-    if d.size == 0:
-        return np.zeros((0, 5))
-    return np.concatenate([_xyxy_to_xywh(d[:, :4]), d[:, 4:5]], axis=1)
 
 
 class WiderSubset:
@@ -126,7 +119,7 @@ class WiderSubset:
     def evaluate(self, detections: Sequence[np.ndarray]) -> Dict[str, float]:
         preds: Dict[str, Dict[str, np.ndarray]] = {}
         for (event, name), d in zip(self.keys, detections):
-            preds.setdefault(event, {})[name] = _det_xywh(d)
+            preds.setdefault(event, {})[name] = to_xywh_score(d, integer=False)
         return evaluate_predictions(preds, self.images).to_dict()
 
 
