@@ -109,8 +109,9 @@ def main(args: argparse.Namespace) -> List[Dict]:
     with tempfile.TemporaryDirectory(prefix="featherface-bench-") as tmp:
         for path in args.compare:
             fixed_batch, height, width = input_dims(path)
-            for s, batch, threads in combos:
-                size, batch = (height or s, width or s), fixed_batch or batch
+            # A fixed-shape model gives the same configuration for several combos: time it once.
+            for size, batch, threads in dict.fromkeys(((height or s, width or s), fixed_batch or b, t)
+                                                      for s, b, t in combos):
                 configs.append(BenchConfig(path.name, "onnx_compare", threads, batch, size, None,
                                            lambda p=path, t=threads: compare_runner(p, t), baseline=path == args.compare[0]))
         for index, (label, model) in enumerate(models):

@@ -14,8 +14,7 @@ import torch
 
 from data.config import CONFIGS
 from models.featherface import count_parameters
-from utils.deploy.export import (DEFAULT_KEEP_TOP_K, DEFAULT_NMS_THRESHOLD, DEFAULT_OPSET, DEFAULT_SCORE_THRESHOLD,
-                                 DEFAULT_TOP_K, ExportError, MIN_DEFORM_OPSET, check_onnx_file, check_opset,
+from utils.deploy.export import (DEFAULT_OPSET, ExportError, MIN_DEFORM_OPSET, check_onnx_file, check_opset,
                                  export_graphs, export_onnx, op_counts, require_exporter)
 from utils.deploy.package import write_deployment_package
 from utils.deploy.parity import verify_export
@@ -23,6 +22,7 @@ from utils.deploy.quantize import find_images, quantize_and_report, read_image
 from utils.deploy.rewrites import DEFORM_FORMS
 from utils.deploy.staging import staged
 from utils.errors import CheckpointError, FeatherFaceError, run_cli
+from utils.inference.postprocess import DEMO_POSTPROCESS
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "data" / "sample" / "images"
 
@@ -44,12 +44,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also write <output>_postprocess.onnx: image -> faces (decode + NMS in the graph, batch 1)")
     p.add_argument("--deployment_package", type=str, nargs="?", const="", default=None, metavar="DIR",
                    help="write a deployment package (default DIR: deployment/<model name>/)")
-    p.add_argument("--score_threshold", type=float, default=DEFAULT_SCORE_THRESHOLD,
+    p.add_argument("--score_threshold", type=float, default=DEMO_POSTPROCESS.conf_threshold,
                    help="default face score of the package and of the detection checks")
-    p.add_argument("--nms_threshold", type=float, default=DEFAULT_NMS_THRESHOLD,
+    p.add_argument("--nms_threshold", type=float, default=DEMO_POSTPROCESS.nms_threshold,
                    help="NMS IoU, fixed in the detection graph")
-    p.add_argument("--top_k", type=int, default=DEFAULT_TOP_K, help="best anchors passed to NMS in the graph")
-    p.add_argument("--keep_top_k", type=int, default=DEFAULT_KEEP_TOP_K, help="most faces the graph returns")
+    p.add_argument("--top_k", type=int, default=DEMO_POSTPROCESS.top_k, help="best anchors passed to NMS in the graph")
+    p.add_argument("--keep_top_k", type=int, default=DEMO_POSTPROCESS.keep_top_k, help="most faces the graph returns")
     p.add_argument("--quantize", type=str, default=None, choices=["int8"],
                    help="also write a static INT8 (QDQ) copy <output>_int8.onnx")
     p.add_argument("--calibration_images", type=str, default=None, help="folder of images for INT8 calibration")

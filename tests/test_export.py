@@ -32,7 +32,7 @@ ort = pytest.importorskip("onnxruntime")
 cv2 = pytest.importorskip("cv2")
 
 import export_dynamic_onnx as script  # noqa: E402
-from utils.deploy.export import (CONFIG_KEY, DEFAULT_SCORE_THRESHOLD, DETECTION_KEY, ExportError, check_onnx_file,
+from utils.deploy.export import (CONFIG_KEY, DETECTION_KEY, ExportError, check_onnx_file,
                                  check_opset, export_graphs, export_onnx, op_counts, ort_session, pixel_priors,
                                  read_metadata)
 from utils.deploy.package import write_deployment_package
@@ -40,6 +40,7 @@ from utils.deploy.parity import (TOLERANCES, check_detection_parity, check_parit
                                  detection_graph_ok, format_parity, run_detection_graph)
 from utils.deploy.quantize import detection_drift, find_images, fixed_size_input, quantize_int8  # noqa: E402
 from utils.inference.detector import FaceDetector  # noqa: E402
+from utils.inference.postprocess import DEMO_POSTPROCESS  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample" / "images"
@@ -357,7 +358,7 @@ def test_real_weights_package_matches_pytorch_on_group_photo(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     faces = np.asarray(json.loads((tmp_path / "faces.json").read_text())["faces"], dtype=np.float32)
-    expected = FaceDetector(model, backend="torch", conf=DEFAULT_SCORE_THRESHOLD).detect_array(cv2.imread(str(GROUP)))
+    expected = FaceDetector(model, backend="torch", conf=DEMO_POSTPROCESS.conf_threshold).detect_array(cv2.imread(str(GROUP)))
     diff = compare_detections("group_8", expected, faces)
     assert len(expected) >= 5 and detection_graph_ok(diff), diff.line()
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -36,7 +37,7 @@ from data.config import MEAN_BGR, ModelConfig
 from layers.box_utils import decode, decode_landmarks
 from utils.deploy.rewrites import DEFORM_FORMS, deploy_model
 from utils.inference.detector import INPUT_NAME, ONNX_CONFIG_KEY, OUTPUT_NAMES
-from utils.inference.postprocess import DEMO_POSTPROCESS
+from utils.inference.postprocess import DEMO_POSTPROCESS, PostProcessConfig
 from utils.errors import FeatherFaceError
 
 PathLike = Union[str, Path]
@@ -51,13 +52,6 @@ DEFAULT_OPSET = 20
 MIN_DEFORM_OPSET = 19  # DeformConv entered the ONNX standard in opset 19
 MIN_SIDE = 32  # smallest input side the networks accept (one stride-32 cell)
 MAX_SIDE = 8192
-
-
-# Post-processing defaults of the deployment package (RetinaFace demo values).
-DEFAULT_SCORE_THRESHOLD = DEMO_POSTPROCESS.conf_threshold
-DEFAULT_NMS_THRESHOLD = DEMO_POSTPROCESS.nms_threshold
-DEFAULT_TOP_K = DEMO_POSTPROCESS.top_k
-DEFAULT_KEEP_TOP_K = DEMO_POSTPROCESS.keep_top_k
 
 
 
@@ -155,6 +149,14 @@ def read_metadata(path: PathLike) -> Dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
+def detection_settings(path: PathLike) -> PostProcessConfig:
+    """The NMS, top-k and keep-top-k a detection graph was exported with (its metadata), on the
+    deployment defaults (DEMO_POSTPROCESS) for anything it does not record."""
+    stored = json.loads(read_metadata(path).get(DETECTION_KEY, "{}"))
+    fields = ("nms_threshold", "top_k", "keep_top_k")
+    return replace(DEMO_POSTPROCESS, **{k: stored[k] for k in fields if k in stored})
+
+
 def model_metadata(config: ModelConfig) -> Dict[str, str]:
     """Metadata every exported graph carries: config JSON, preprocessing and output layout."""
     return {
@@ -167,8 +169,8 @@ def model_metadata(config: ModelConfig) -> Dict[str, str]:
 
 def graph_module(model: nn.Module, rewrite: bool = True, deform: str = "auto") -> nn.Module:
     """What gets traced: the deployment form of `model` (utils.deploy.rewrites) or, with
-    rewrite=False, the model as built (then `deform` must be "auto": DeformConv as is)."""
-    _check_deform(deform)
+    rewrite=False, the model as built (then `deform` must be "auto": DeformConv as is). The callers
+    have checked `deform` (`_check_deform`)."""
     if rewrite:
         return deploy_model(model, target="onnx", deform=deform)
     if deform != "auto":
@@ -236,8 +238,8 @@ class DetectionGraph(nn.Module):
     raw graph and the (batch-1) detection graph.
     """
 
-    def __init__(self, model: nn.Module, nms_threshold: float = DEFAULT_NMS_THRESHOLD,
-                 top_k: int = DEFAULT_TOP_K, keep_top_k: int = DEFAULT_KEEP_TOP_K) -> None:
+    def __init__(self, model: nn.Module, nms_threshold: float = DEMO_POSTPROCESS.nms_threshold,
+                 top_k: int = DEMO_POSTPROCESS.top_k, keep_top_k: int = DEMO_POSTPROCESS.keep_top_k) -> None:
         super().__init__()
         self.model = model
         self.nms_threshold, self.top_k, self.keep_top_k = float(nms_threshold), int(top_k), int(keep_top_k)
@@ -264,8 +266,8 @@ class DetectionGraph(nn.Module):
 
 def export_graphs(model: nn.Module, raw_path: PathLike, detection_path: PathLike,
                   image_size: Union[int, Sequence[int]] = 640, opset: int = DEFAULT_OPSET,
-                  nms_threshold: float = DEFAULT_NMS_THRESHOLD, top_k: int = DEFAULT_TOP_K,
-                  keep_top_k: int = DEFAULT_KEEP_TOP_K, rewrite: bool = True, deform: str = "auto") -> Tuple[Path, Path]:
+                  nms_threshold: float = DEMO_POSTPROCESS.nms_threshold, top_k: int = DEMO_POSTPROCESS.top_k,
+                  keep_top_k: int = DEMO_POSTPROCESS.keep_top_k, rewrite: bool = True, deform: str = "auto") -> Tuple[Path, Path]:
     """Export the raw graph and the detection graph from ONE trace of `DetectionGraph`.
 
     Tracing dominates export time (about 20-40 s on two CPU cores per model), so the combined
@@ -283,7 +285,7 @@ def export_graphs(model: nn.Module, raw_path: PathLike, detection_path: PathLike
     graph = DetectionGraph(graph_module(model, rewrite, deform), nms_threshold, top_k, keep_top_k).eval()
     raw_path, detection_path = Path(raw_path), Path(detection_path)
     combined = detection_path.with_name(detection_path.stem + "_combined.onnx")
-    args = (torch.zeros(1, 3, h, w), torch.tensor(DEFAULT_SCORE_THRESHOLD))
+    args = (torch.zeros(1, 3, h, w), torch.tensor(DEMO_POSTPROCESS.conf_threshold))
     try:
         _export(graph, args, combined, [INPUT_NAME, SCORE_THRESHOLD_NAME], [*OUTPUT_NAMES, FACES_NAME],
                 (_input_dims(), None), opset)

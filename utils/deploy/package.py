@@ -12,16 +12,16 @@ from torch import nn
 from data.config import MEAN_BGR, ModelConfig
 from models.featherface import count_parameters
 from utils.checkpoint import save_checkpoint
-from utils.deploy.export import (DEFAULT_KEEP_TOP_K, DEFAULT_NMS_THRESHOLD, DEFAULT_OPSET, DEFAULT_SCORE_THRESHOLD,
-                                 DEFAULT_TOP_K, DETECTION_KEY, FACES_NAME, MIN_DEFORM_OPSET, MIN_SIDE,
-                                 SCORE_THRESHOLD_NAME, PathLike, op_counts, read_metadata)
+from utils.deploy.export import (DEFAULT_OPSET, FACES_NAME, MIN_DEFORM_OPSET, MIN_SIDE, SCORE_THRESHOLD_NAME,
+                                 PathLike, detection_settings, op_counts)
 from utils.inference.detector import INPUT_NAME, OUTPUT_NAMES
+from utils.inference.postprocess import DEMO_POSTPROCESS
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "template"
 
-def deployment_config(model: nn.Module, score_threshold: float = DEFAULT_SCORE_THRESHOLD,
-                      nms_threshold: float = DEFAULT_NMS_THRESHOLD, top_k: int = DEFAULT_TOP_K,
-                      keep_top_k: int = DEFAULT_KEEP_TOP_K, opset: int = DEFAULT_OPSET) -> Dict:
+def deployment_config(model: nn.Module, score_threshold: float = DEMO_POSTPROCESS.conf_threshold,
+                      nms_threshold: float = DEMO_POSTPROCESS.nms_threshold, top_k: int = DEMO_POSTPROCESS.top_k,
+                      keep_top_k: int = DEMO_POSTPROCESS.keep_top_k, opset: int = DEFAULT_OPSET) -> Dict:
     """Everything a runtime needs to feed the graphs and read their outputs (JSON-ready)."""
     config: ModelConfig = model.config
     return {
@@ -62,13 +62,14 @@ def _runtime_note(config: ModelConfig, onnx_path: PathLike, opset: int) -> str:
                 "pooling, Resize, Softmax, ...) and `model_postprocess.onnx` adds `NonMaxSuppression`, `TopK` and "
                 f"`NonZero`. Any runtime with opset {opset} support should run it; check yours with "
                 "`usage_example.py`.")
-    if op_counts(onnx_path).get("DeformConv", 0) == 0:
+    deform_nodes = op_counts(onnx_path).get("DeformConv", 0)
+    if deform_nodes == 0:
         return ("This model's **deformable convolutions** are built from standard ONNX ops (`Conv`, `GridSample` "
                 "(opset >= 16), `Mul`, `ReduceSum`; export option `--deform_form gridsample`), so runtimes without "
                 "`DeformConv` (OpenVINO, TensorRT, mobile builds) can run it; the export checked that it gives the "
                 "same outputs as PyTorch. In ONNX Runtime's CPU provider the default export (DeformConv) is faster.")
     return (f"This model contains **deformable convolutions** (ONNX `DeformConv`, opset >= {MIN_DEFORM_OPSET}, "
-            f"{op_counts(onnx_path).get('DeformConv', 0)} nodes). ONNX Runtime's CPU execution provider runs "
+            f"{deform_nodes} nodes). ONNX Runtime's CPU execution provider runs "
             f"them (checked with ONNX Runtime {onnxruntime.__version__}). Other runtimes and execution providers "
             "(ONNX Runtime's CUDA, TensorRT or mobile builds, TensorRT itself, OpenVINO, TFLite converters, older "
             "ONNX Runtime releases) may not implement DeformConv: check your runtime before you rely on it, for "
@@ -77,16 +78,15 @@ def _runtime_note(config: ModelConfig, onnx_path: PathLike, opset: int) -> str:
 
 
 def write_deployment_package(model: nn.Module, out_dir: PathLike, onnx_path: PathLike, detection_path: PathLike,
-                             score_threshold: float = DEFAULT_SCORE_THRESHOLD, opset: int = DEFAULT_OPSET,
+                             score_threshold: float = DEMO_POSTPROCESS.conf_threshold, opset: int = DEFAULT_OPSET,
                              int8_path: Optional[PathLike] = None, parity_report: Optional[str] = None) -> Path:
     """Assemble out_dir: model.pth, model.onnx, model_postprocess.onnx, deployment_config.json,
     usage_example.py and README.md, plus model_int8.onnx when `int8_path` is given.
     `parity_report` (the `format_parity` table) is quoted in the README. Returns out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = json.loads(read_metadata(detection_path).get(DETECTION_KEY, "{}"))
-    config = deployment_config(model, score_threshold, settings.get("nms_threshold", DEFAULT_NMS_THRESHOLD),
-                               settings.get("top_k", DEFAULT_TOP_K), settings.get("keep_top_k", DEFAULT_KEEP_TOP_K),
+    settings = detection_settings(detection_path)
+    config = deployment_config(model, score_threshold, settings.nms_threshold, settings.top_k, settings.keep_top_k,
                                opset)
     save_checkpoint(out / "model.pth", model)
     (out / "model.pth").chmod(0o644)  # written via a private temp file; a package is for sharing

@@ -1,7 +1,6 @@
 """Parity of exported graphs with PyTorch: raw outputs per input shape, and detections per image."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -12,10 +11,10 @@ from torchvision.ops import box_iou
 
 from data.config import MEAN_BGR
 from data.preprocess import preprocess
-from utils.deploy.export import (DEFAULT_KEEP_TOP_K, DEFAULT_NMS_THRESHOLD, DEFAULT_SCORE_THRESHOLD, DEFAULT_TOP_K,
-                                 DETECTION_KEY, FACES_NAME, SCORE_THRESHOLD_NAME, ExportError, PathLike, ort_session,
-                                 read_metadata)
+from utils.deploy.export import (FACES_NAME, SCORE_THRESHOLD_NAME, ExportError, PathLike, detection_settings,
+                                 ort_session)
 from utils.inference.detector import INPUT_NAME, OUTPUT_NAMES
+from utils.inference.postprocess import DEMO_POSTPROCESS
 
 # Parity limits (max |ORT - PyTorch|): scores are probabilities, boxes/landmarks regressions.
 TOLERANCES: Dict[str, float] = {"bbox_regressions": 1e-3, "classifications": 1e-4, "landmarks": 1e-3}
@@ -189,15 +188,13 @@ def run_detection_graph(session, image_bgr: np.ndarray, score_threshold: float) 
 
 
 def check_detection_parity(model: nn.Module, path: PathLike, images: Dict[str, np.ndarray],
-                           score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> List[DetectionDiff]:
+                           score_threshold: float = DEMO_POSTPROCESS.conf_threshold) -> List[DetectionDiff]:
     """Detection graph vs the PyTorch pipeline (FaceDetector: preprocess, decode + NMS) per image."""
     from utils.inference.detector import FaceDetector
 
-    settings = json.loads(read_metadata(path).get(DETECTION_KEY, "{}"))
-    detector = FaceDetector(model, backend="torch", conf=score_threshold,
-                            nms=settings.get("nms_threshold", DEFAULT_NMS_THRESHOLD),
-                            top_k=settings.get("top_k", DEFAULT_TOP_K),
-                            keep_top_k=settings.get("keep_top_k", DEFAULT_KEEP_TOP_K))
+    settings = detection_settings(path)
+    detector = FaceDetector(model, backend="torch", conf=score_threshold, nms=settings.nms_threshold,
+                            top_k=settings.top_k, keep_top_k=settings.keep_top_k)
     session = ort_session(path)
     return [compare_detections(name, detector.detect_array(image), run_detection_graph(session, image, score_threshold),
                                keep_top_k=detector.keep_top_k, nms_threshold=detector.nms)
@@ -211,7 +208,7 @@ def detection_graph_ok(diff: DetectionDiff, coord_tol: float = 1e-2, score_tol: 
 
 
 def verify_export(model: nn.Module, raw: PathLike, detection: Optional[PathLike], images: Dict[str, np.ndarray],
-                  score_threshold: float = DEFAULT_SCORE_THRESHOLD, detections_decide: bool = True,
+                  score_threshold: float = DEMO_POSTPROCESS.conf_threshold, detections_decide: bool = True,
                   log=print) -> Tuple[List[str], str]:
     """The export's checks: the raw graph vs PyTorch at PARITY_SHAPES, and the detection graph
     (when given) vs the PyTorch pipeline on `images`, logged as they run. Returns (failures,

@@ -7,12 +7,12 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import nn
 
 from data.preprocess import IMAGE_SUFFIXES, preprocess, resize_scale
-from utils.deploy.export import DEFAULT_SCORE_THRESHOLD, ExportError, PathLike, ort_session, read_metadata, set_metadata
+from utils.deploy.export import ExportError, PathLike, ort_session, read_metadata, set_metadata
 from utils.deploy.parity import DetectionDiff, compare_detections
 from utils.inference.detector import INPUT_NAME
+from utils.inference.postprocess import DEMO_POSTPROCESS
 from utils.timing import measure_latency
 
 
@@ -129,30 +129,14 @@ def _float_node_types(path: Path) -> List[str]:
     return [n.op_type for n in _float_candidates(path)]
 
 
-def median_latency_ms(fn, runs: int = 30, warmup: int = 5) -> float:
-    """Median wall time of fn() in milliseconds after `warmup` untimed calls (utils.timing)."""
-    return measure_latency(fn, runs, warmup).median_ms
-
-
 def onnx_latency_ms(path: PathLike, size: Tuple[int, int], threads: int = 1, runs: int = 30) -> float:
     session = ort_session(path, threads)
     x = {INPUT_NAME: np.random.default_rng(0).uniform(-120, 150, (1, 3, *size)).astype(np.float32)}
-    return median_latency_ms(lambda: session.run(None, x), runs)
-
-
-def torch_latency_ms(model: nn.Module, size: Tuple[int, int], threads: int = 1, runs: int = 30) -> float:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    x = torch.rand(1, 3, *size) * 255 - 117
-    try:
-        with torch.inference_mode():
-            return median_latency_ms(lambda: model(x), runs)
-    finally:
-        torch.set_num_threads(previous)
+    return measure_latency(lambda: session.run(None, x), runs, warmup=5).median_ms
 
 
 def detection_drift(fp32_path: PathLike, int8_path: PathLike, images: Dict[str, np.ndarray],
-                    score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> List[DetectionDiff]:
+                    score_threshold: float = DEMO_POSTPROCESS.conf_threshold) -> List[DetectionDiff]:
     """FP32 vs INT8 raw graphs through the same FaceDetector decode + NMS, per image."""
     from utils.inference.detector import FaceDetector
 
@@ -163,7 +147,7 @@ def detection_drift(fp32_path: PathLike, int8_path: PathLike, images: Dict[str, 
 
 def quantize_and_report(fp32_path: PathLike, int8_path: PathLike, calibration_images: Sequence[Path],
                         image_size: int, drift_images: Dict[str, np.ndarray],
-                        score_threshold: float = DEFAULT_SCORE_THRESHOLD, latency_runs: int = 30,
+                        score_threshold: float = DEMO_POSTPROCESS.conf_threshold, latency_runs: int = 30,
                         log=print) -> QuantizationReport:
     """quantize_int8, then log sizes, FP32 vs INT8 latency (1 and 2 threads) and detection drift."""
     report = quantize_int8(fp32_path, int8_path, calibration_images, image_size)

@@ -172,7 +172,7 @@ class DeformableSampler(nn.Module):
             raise ValueError("the deployment form supports stride-1 deformable convs (FeatherFace's SSH)")
         weight = dcn.regular_conv.weight.detach() * 2.0
         cout, cin, kh, kw = weight.shape
-        self.taps, self.out_channels, self.padding = kh * kw, cout, dcn.padding
+        self.taps, self.out_channels, self.padding, self.kernel_size = kh * kw, cout, dcn.padding, (kh, kw)
         bias = dcn.regular_conv.bias
         self.register_buffer("bias", bias.detach().clone() if bias is not None else weight.new_zeros(cout))
         if self.form in ("projected", "gridsample"):
@@ -182,20 +182,23 @@ class DeformableSampler(nn.Module):
             # Summing the K sampled taps back to Cout channels: identity blocks side by side.
             self.register_buffer("weight", torch.eye(cout).repeat(1, self.taps).view(cout, self.taps * cout, 1, 1))
         elif self.form == "gridsample":
-            rows = torch.arange(kh).repeat_interleave(kw).double() - self.padding[0]
-            cols = torch.arange(kw).repeat(kh).double() - self.padding[1]
+            rows, cols = self.tap_grid()
             # Pixel p samples at p + tap + offset; GridSample (align_corners=False) wants (2 * pos + 1) / size - 1.
             self.register_buffer("tap_rows", (2 * rows + 1).float().view(1, self.taps, 1, 1))
             self.register_buffer("tap_cols", (2 * cols + 1).float().view(1, self.taps, 1, 1))
         else:
             self.register_buffer("weight", weight.clone())
 
-    def tap_displacement(self) -> torch.Tensor:
-        """(2K,) fixed (dy, dx) of each tap; the projected form adds it to the offsets."""
-        kh = kw = int(round(self.taps ** 0.5))
+    def tap_grid(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(K,) float64 fixed row and column displacement of each tap (row-major taps)."""
+        kh, kw = self.kernel_size
         rows = torch.arange(kh).repeat_interleave(kw).double() - self.padding[0]
         cols = torch.arange(kw).repeat(kh).double() - self.padding[1]
-        return torch.stack([rows, cols], 1).reshape(-1)
+        return rows, cols
+
+    def tap_displacement(self) -> torch.Tensor:
+        """(2K,) fixed (dy, dx) of each tap; the projected form adds it to the offsets."""
+        return torch.stack(self.tap_grid(), 1).reshape(-1)
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor, modulator: torch.Tensor) -> torch.Tensor:
         mask = torch.sigmoid(modulator)
@@ -370,7 +373,6 @@ class DeployedFeatherFace(nn.Module):
         onnx = target == "onnx"
         m = fuse_batchnorm(model)  # a folded copy; the caller's model is untouched
         self.config = m.config
-        self.target, self.deform = target, deform
         self.body = m.body
         self.backbone_attention = residual_attention_layers(m.backbone_cbam, onnx)
         for cell in m.bifpn:  # fusion weights as constants (models/bifpn.py FusionWeights)
