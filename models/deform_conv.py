@@ -9,6 +9,7 @@ reproduces torchvision's sampling rules (docs/ARCHITECTURE.md §2.4) several tim
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Iterator, List, Optional, Tuple, Union
 
@@ -171,6 +172,24 @@ def deform_conv2d_fast(
     return _deform_conv2d_inference(input, offset, mask, weight, bias, *geometry)
 
 
+@functools.lru_cache(maxsize=64)
+def _tap_positions(out_hw: Tuple[int, int], kernel: Tuple[int, int], stride: Tuple[int, int],
+                   padding: Tuple[int, int], dilation: Tuple[int, int], dtype: torch.dtype,
+                   device: torch.device) -> Tuple[Tensor, Tensor]:
+    """Integer sampling rows (Ho, 1, K) and columns (1, Wo, K) of every tap before its offset.
+
+    Cached per geometry (evaluation at one size, a video, every layer of a level share them);
+    built outside inference mode so that autograd callers can use them too.
+    """
+    (ho, wo), (kh, kw) = out_hw, kernel
+    with torch.inference_mode(False):
+        tap_y = torch.arange(kh, device=device).repeat_interleave(kw) * dilation[0] - padding[0]
+        tap_x = torch.arange(kw, device=device).repeat(kh) * dilation[1] - padding[1]
+        rows = (torch.arange(ho, device=device) * stride[0]).view(ho, 1, 1) + tap_y
+        cols = (torch.arange(wo, device=device) * stride[1]).view(1, wo, 1) + tap_x
+        return rows.to(dtype), cols.to(dtype)
+
+
 def _sampling_plan(
     offset: Tensor,
     mask: Tensor,
@@ -182,44 +201,44 @@ def _sampling_plan(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Corner rows, blend weights and fractional parts for every (output location, tap).
 
-    Returns rows (N, K, 4) int64 of the zero-bordered channels-last table (`_bordered_table`),
+    Returns rows (N, K, 4) int32 (int64 for huge maps) of the zero-bordered channels-last table (`_bordered_table`),
     weights (N, K, 4) = mask x bilinear factors, and the fractional parts fy, fx (N, K) of the
     sample positions; N = B*Ho*Wo, corners ordered (y0,x0), (y0,x1), (y1,x0), (y1,x1).
+    On FeatherFace's maps the number of tensor ops, not their size, is the cost: each op here
+    is one pass over (B, Ho, Wo, K) values, in place where the input is no longer needed.
     """
     b, _, ho, wo = offset.shape
     h, w = in_hw
-    kh, kw = kernel
-    taps, dev, dt = kh * kw, offset.device, offset.dtype
+    taps, dt, dev = kernel[0] * kernel[1], offset.dtype, offset.device
     off = offset.permute(0, 2, 3, 1).reshape(b, ho, wo, taps, 2)  # a view for channels-last offsets
-    tap_y = torch.arange(kh, device=dev).repeat_interleave(kw) * dilation[0] - padding[0]
-    tap_x = torch.arange(kw, device=dev).repeat(kh) * dilation[1] - padding[1]
-    grid_y = (torch.arange(ho, device=dev) * stride[0]).view(ho, 1, 1) + tap_y  # (Ho, 1, K)
-    grid_x = (torch.arange(wo, device=dev) * stride[1]).view(1, wo, 1) + tap_x  # (1, Wo, K)
+    grid_y, grid_x = _tap_positions((ho, wo), kernel, stride, padding, dilation, dt, dev)
     # Same arithmetic as torchvision: integer grid position (as float) plus the learned offset.
-    pos_y, pos_x = off[..., 0] + grid_y.to(dt), off[..., 1] + grid_x.to(dt)  # (B, Ho, Wo, K)
+    pos_y, pos_x = off[..., 0] + grid_y, off[..., 1] + grid_x  # (B, Ho, Wo, K)
     low_y, low_x = pos_y.floor(), pos_x.floor()
-    fy, fx = pos_y - low_y, pos_x - low_x
+    fy, fx = pos_y.sub_(low_y), pos_x.sub_(low_x)
     m = mask.permute(0, 2, 3, 1)
-    wy0, wx0 = 1 - fy, 1 - fx
-    weights = torch.stack([wy0 * wx0, wy0 * fx, fy * wx0, fy * fx], -1) * m.unsqueeze(-1)
-    # The table has a one-pixel zero border, so clamping a corner to [-1, H] (or [-1, W]) lands
-    # it on a zero whenever it lies outside the image: torchvision's per-corner validity rule,
-    # without masks. Clamping in float first keeps huge offsets from overflowing int64; the
-    # row/column arithmetic stays in float (exact below 2**24) until one final conversion.
-    # NaN offsets must give NaN outputs (caught as a non-finite loss), not an index error.
+    wy1 = fy * m
+    wy0, wx0 = m - wy1, 1 - fx  # (1 - fy) * m, 1 - fx
+    weights = torch.stack([wy0 * wx0, wy0 * fx, wy1 * wx0, wy1 * fx], -1)
+    # Corner coordinates in the table, which has a one-pixel zero border: clamping to [0, H+1]
+    # (or [0, W+1]) lands a corner outside the image on a zero, torchvision's per-corner validity
+    # rule without masks. Clamping in float before the integer conversion keeps huge offsets from
+    # overflowing. NaN offsets give NaN outputs through the weights (caught as a non-finite loss)
+    # and a valid row here.
     wp = w + 2
-    index_dt = dt if (h + 2) * wp < 2**24 else torch.float64
-    low_y = torch.nan_to_num(low_y.to(index_dt), nan=-1.0)
-    low_x = torch.nan_to_num(low_x.to(index_dt), nan=-1.0)
-    row0 = (low_y.clamp(-1, h) + 1) * wp
-    row1 = ((low_y + 1).clamp(-1, h) + 1) * wp
-    col0 = low_x.clamp(-1, w) + 1
-    col1 = (low_x + 1).clamp(-1, w) + 1
-    rows = torch.stack([row0 + col0, row0 + col1, row1 + col0, row1 + col1], -1).long()
+    y0, x0 = (low.add_(1).nan_to_num_(0.0) for low in (low_y, low_x))
+    y1, x1 = (y0 + 1).clamp_(0, h + 1), (x0 + 1).clamp_(0, w + 1)
+    y0, x0 = y0.clamp_(0, h + 1), x0.clamp_(0, w + 1)
+    # int32 rows where they fit, also multiplied by K (the project-first path's rows): x86 CPUs
+    # without AVX-512 convert float to int32, not int64, in vector code.
+    index_dt = torch.int32 if b * (h + 2) * wp * taps < 2**31 else torch.int64
+    y0, x0, y1, x1 = (c.to(index_dt) for c in (y0, x0, y1, x1))
+    y0, y1 = y0 * wp, y1 * wp
+    rows = torch.stack([y0 + x0, y0 + x1, y1 + x0, y1 + x1], -1)
     if b > 1:
-        rows += torch.arange(b, device=dev).view(b, 1, 1, 1, 1) * ((h + 2) * wp)
+        rows += torch.arange(b, device=dev, dtype=index_dt).view(b, 1, 1, 1, 1) * ((h + 2) * wp)
     n = b * ho * wo
-    return rows.view(n, taps, 4), weights.reshape(n, taps, 4), fy.reshape(n, taps), fx.reshape(n, taps)
+    return rows.reshape(n, taps, 4), weights.reshape(n, taps, 4), fy.reshape(n, taps), fx.reshape(n, taps)
 
 
 def _deform_conv2d_inference(
@@ -251,7 +270,7 @@ def _deform_conv2d_inference(
     if 4 * cout <= cin:
         # (R, K*Cout) viewed as (R*K, Cout): table row r mixed by tap k sits at row r*K + k.
         mixed = torch.mm(table, w_taps.transpose(0, 1).reshape(cin, taps * cout)).view(-1, cout)
-        tap_rows = rows * taps + torch.arange(taps, device=x.device).view(1, taps, 1)
+        tap_rows = rows * taps + torch.arange(taps, device=x.device, dtype=rows.dtype).view(1, taps, 1)
         out = F.embedding_bag(tap_rows.view(n, 4 * taps), mixed, per_sample_weights=weights.view(n, 4 * taps),
                               mode="sum")
     else:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision.ops
 
 import models.deform_conv as dc
-from models.deform_conv import DeformableConv2d, deform_backend, deform_conv2d, deform_conv2d_fast
+from models.deform_conv import DeformableConv2d, _sampling_plan, deform_backend, deform_conv2d, deform_conv2d_fast
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -334,3 +334,14 @@ def test_onnx_dynamo_export_emits_deformconv(tmp_path):
             ref = layer(x)
         (out,) = session.run(None, {"x": x.numpy()})
         torch.testing.assert_close(torch.from_numpy(out), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_rows_widen_to_int64_only_for_huge_maps():
+    """Corner rows are int32 (fast float->int conversion) unless row * taps could pass 2**31."""
+    offset, mask = torch.full((1, 18, 2, 2), 1e9), torch.ones(1, 9, 2, 2)
+    geometry = ((3, 3), (1, 1), (1, 1), (1, 1))
+    small = _sampling_plan(offset, mask, (40, 30), *geometry)[0]
+    huge = _sampling_plan(offset, mask, (20000, 20000), *geometry)[0]
+    assert small.dtype == torch.int32 and huge.dtype == torch.int64
+    # Far below-right samples land on the last (zero) border row of the table.
+    assert small.max() == 42 * 32 - 1 and huge.max() == 20002 * 20002 - 1
