@@ -17,6 +17,8 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from models.folding import conv_bn_forward
+
 
 class ChannelGate(nn.Module):
     """x * sigmoid(MLP(avgpool(x)) + MLP(maxpool(x))), the MLP shared by both pools."""
@@ -49,7 +51,7 @@ class SpatialGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mx, mean = x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)
         pooled = torch.cat([mx, mean] if self.max_first else [mean, mx], dim=1)
-        return x * torch.sigmoid(self.bn(self.conv(pooled)))
+        return x * torch.sigmoid(conv_bn_forward(self.conv, self.bn, pooled))
 
 
 class CBAM(nn.Module):

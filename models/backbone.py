@@ -11,9 +11,11 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from models.folding import ConvBNSequential
+
 
 def conv_bn(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(
+    return ConvBNSequential(
         nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False),
         nn.BatchNorm2d(out_ch),
         nn.LeakyReLU(0.1, inplace=True),
@@ -22,7 +24,7 @@ def conv_bn(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
 
 def conv_dw(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
     """Depthwise 3x3 + BN + LeakyReLU, then pointwise 1x1 + BN + LeakyReLU."""
-    return nn.Sequential(
+    return ConvBNSequential(
         nn.Conv2d(in_ch, in_ch, 3, stride, 1, groups=in_ch, bias=False),
         nn.BatchNorm2d(in_ch),
         nn.LeakyReLU(0.1, inplace=True),

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.folding import ConvBNSequential, conv_bn_forward
+
 EPSILON = 1e-4  # fusion-weight normaliser (EfficientDet)
 
 Features = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -125,12 +127,12 @@ class SeparableConv(nn.Module):
         self.bn = nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.pointwise(self.depthwise(x)))
+        return conv_bn_forward(self.pointwise, self.bn, self.depthwise(x))
 
 
 def projection(in_ch: int, out_ch: int, bias: bool) -> nn.Sequential:
     """1x1 conv + BN (eps 1e-3, momentum 0.01) bringing a backbone map to the BiFPN width."""
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=bias), nn.BatchNorm2d(out_ch, eps=1e-3, momentum=0.01))
+    return ConvBNSequential(nn.Conv2d(in_ch, out_ch, 1, bias=bias), nn.BatchNorm2d(out_ch, eps=1e-3, momentum=0.01))
 
 
 class BiFPNCell(FusionWeights):
@@ -184,7 +186,7 @@ class DepthwiseSeparableConv(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.block = nn.Sequential(
+        self.block = ConvBNSequential(
             nn.Conv2d(channels, channels, 3, 1, 1, groups=channels, bias=False),
             nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),

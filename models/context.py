@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from models.deform_conv import DeformableConv2d
+from models.folding import ConvBNSequential
 
 
 def channel_shuffle(x: torch.Tensor, groups: int, order: str = "standard") -> torch.Tensor:
@@ -46,7 +47,7 @@ def conv_shuffle_block(channels: int, order: str = "official") -> nn.Sequential:
     Indices match the published checkpoint (`ssh1_cs.1.weight` ...). 4,640 params at C=64.
     """
     half = channels // 2
-    return nn.Sequential(
+    return ConvBNSequential(
         ChannelShuffle(2, order),
         nn.Conv2d(channels, half, 1, bias=False),
         nn.BatchNorm2d(half),
@@ -61,7 +62,7 @@ def conv_shuffle_block(channels: int, order: str = "official") -> nn.Sequential:
 def light_shuffle_block(channels: int, groups: int = 4) -> nn.Sequential:
     """V2 shuffle: shuffle(g), grouped 1x1 C->C/2 + BN + ReLU, grouped 1x1 C/2->C + BN + ReLU."""
     half = channels // 2
-    return nn.Sequential(
+    return ConvBNSequential(
         ChannelShuffle(groups, "standard"),
         nn.Conv2d(channels, half, 1, groups=groups, bias=False),
         nn.BatchNorm2d(half),
@@ -77,7 +78,7 @@ def deform_bn(in_ch: int, out_ch: int, act: bool, leaky: float = 0.1) -> nn.Sequ
     layers = [DeformableConv2d(in_ch, out_ch, 3, 1, 1), nn.BatchNorm2d(out_ch)]
     if act:
         layers.append(nn.LeakyReLU(leaky, inplace=True))
-    return nn.Sequential(*layers)
+    return ConvBNSequential(*layers)
 
 
 class _ThreeBranchContext(nn.Module):
@@ -135,11 +136,11 @@ class SSHGrouped(_ThreeBranchContext):
     def __init__(self, channels: int, groups: int = 4) -> None:
         super().__init__()
         half, quarter = channels // 2, channels // 4
-        self.conv3x3 = nn.Sequential(*_pointwise_bn_relu(channels, half), *_grouped_conv_bn(half, half, groups, False))
-        self.conv5x5_1 = nn.Sequential(
+        self.conv3x3 = ConvBNSequential(*_pointwise_bn_relu(channels, half), *_grouped_conv_bn(half, half, groups, False))
+        self.conv5x5_1 = ConvBNSequential(
             *_pointwise_bn_relu(channels, quarter), *_grouped_conv_bn(quarter, quarter, groups, False)
         )
-        self.conv5x5_2 = nn.Sequential(*_grouped_conv_bn(quarter, quarter, groups, False))
-        self.conv7x7_2 = nn.Sequential(*_grouped_conv_bn(quarter, quarter, groups, True))
-        self.conv7x7_3 = nn.Sequential(*_grouped_conv_bn(quarter, quarter, groups, False))
+        self.conv5x5_2 = ConvBNSequential(*_grouped_conv_bn(quarter, quarter, groups, False))
+        self.conv7x7_2 = ConvBNSequential(*_grouped_conv_bn(quarter, quarter, groups, True))
+        self.conv7x7_3 = ConvBNSequential(*_grouped_conv_bn(quarter, quarter, groups, False))
 

@@ -549,14 +549,15 @@ class DeformableConv2d(nn.Module):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
+    def forward(self, x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+        """x (B, Cin, H, W) -> (B, Cout, Ho, Wo). `weight` / `bias` replace the regular conv's
+        (a batch norm folded in by models/folding.py)."""
         offset = self.offset_conv(x)  # (B, 2*K, Ho, Wo), (dy, dx) per tap
         mask = 2.0 * torch.sigmoid(self.modulator_conv(x))  # (B, K, Ho, Wo), 1 at init
-        return deform_conv2d(
-            x, offset, self.regular_conv.weight, self.regular_conv.bias,
-            stride=self.stride, padding=self.padding, mask=mask, backend=self.backend,
-        )
+        if weight is None:
+            weight, bias = self.regular_conv.weight, self.regular_conv.bias
+        return deform_conv2d(x, offset, weight, bias, stride=self.stride, padding=self.padding, mask=mask,
+                             backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

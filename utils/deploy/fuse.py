@@ -1,9 +1,9 @@
 """Batch-norm folding for inference: conv -> BN pairs become one conv with a bias.
 
-In eval mode BN is the per-channel affine map y = (x - mean) * g / sqrt(var + eps) + b, so
-it can be absorbed into the convolution before it: W' = W * s, b' = (b_conv - mean) * s + b
-with s = g / sqrt(var + eps). The folded model computes the same function (to float32
-rounding) with one pass over each feature map fewer. It is for inference only: the BN
+In eval mode BN is a per-channel affine map, so it can be absorbed into the convolution before
+it (the formula is in models/folding.py, which eval-mode models also apply on every call). Here
+it is done once, in float64, and the BN is dropped: the folded model computes the same function
+(to float32 rounding) with one pass over each feature map fewer. It is for inference only: the BN
 statistics are gone, so it cannot be trained or saved as a FeatherFace checkpoint.
 
 Pairs folded: consecutive (Conv2d | DeformableConv2d, BatchNorm2d) children of any
@@ -24,6 +24,7 @@ from torch import nn
 from models.attention import SpatialGate
 from models.bifpn import SeparableConv
 from models.deform_conv import DeformableConv2d
+from models.folding import fold_bn
 
 ConvLike = Union[nn.Conv2d, DeformableConv2d]
 
@@ -36,22 +37,14 @@ _ATTRIBUTE_PAIRS: Dict[Type[nn.Module], Tuple[str, str]] = {
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A new Conv2d (with bias) equal to bn(conv(x)) with `bn` in eval mode."""
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("cannot fold a BatchNorm2d without running statistics (track_running_stats=False)")
-    if bn.num_features != conv.out_channels:
-        raise ValueError(f"BatchNorm2d has {bn.num_features} channels, conv gives {conv.out_channels}")
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                       conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
                       device=conv.weight.device, dtype=conv.weight.dtype)
     # float64 keeps the folded weights as close as possible to the two-step computation.
     with torch.no_grad():
-        var, mean = bn.running_var.double(), bn.running_mean.double()
-        gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
-        beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
-        scale = gamma / torch.sqrt(var + bn.eps)
-        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(var)
-        fused.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
-        fused.bias.copy_((bias - mean) * scale + beta)
+        weight, bias = fold_bn(conv.weight, conv.bias, bn, dtype=torch.float64)
+        fused.weight.copy_(weight)
+        fused.bias.copy_(bias)
     return fused
 
 
