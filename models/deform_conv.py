@@ -255,8 +255,10 @@ def _deform_conv2d_inference(
     """Forward without autograd: every bilinear blend is one `embedding_bag` (weighted sum of
     gathered table rows, a fused CPU kernel) instead of gather + four blend passes.
 
-    Narrowing layers (4 Cout <= Cin) project first: each tap's weight slice mixes the table to
-    Cout channels and one bag of 4K rows per location sums the taps too. Otherwise each
+    Layers that at least halve the width (2 Cout <= Cin) project first: each tap's weight slice
+    mixes the table to Cout channels and one bag of 4K rows per location sums the taps too (for
+    FeatherFace's 52 -> 26 SSH conv the whole FaceDetector v1 path is 1.4 % faster than sampling
+    first). Otherwise each
     (location, tap) bag samples Cin channels and one matrix multiply mixes them. On the 2-core
     CPU at 80x80 this is 1.4-2x faster than the autograd path (`_DeformConv2dFast`).
     """
@@ -267,7 +269,7 @@ def _deform_conv2d_inference(
     n, taps = rows.shape[:2]
     table = _bordered_table(x)
     w_taps = weight.permute(2, 3, 1, 0).reshape(taps, cin, cout)  # (K, Cin, Cout)
-    if 4 * cout <= cin:
+    if 2 * cout <= cin:
         # (R, K*Cout) viewed as (R*K, Cout): table row r mixed by tap k sits at row r*K + k.
         mixed = torch.mm(table, w_taps.transpose(0, 1).reshape(cin, taps * cout)).view(-1, cout)
         tap_rows = rows * taps + torch.arange(taps, device=x.device, dtype=rows.dtype).view(1, taps, 1)

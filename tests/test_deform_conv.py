@@ -84,9 +84,10 @@ def test_fast_matches_torchvision_values_and_grads(
 @pytest.mark.parametrize(
     "b,cin,cout,h,w,stride,bias,channels_last",
     [
-        (2, 8, 4, 7, 9, 1, False, False),  # samples Cin channels, then mixes
-        (2, 12, 3, 10, 7, 2, True, False),  # 4 Cout <= Cin: mixes first, one bag sums every tap
+        (2, 8, 5, 7, 9, 1, False, False),  # samples Cin channels, then mixes
+        (2, 12, 3, 10, 7, 2, True, False),  # 2 Cout <= Cin: mixes first, one bag sums every tap
         (1, 52, 13, 9, 11, 1, True, True),  # FeatherFace's 52 -> 13 SSH layer, channels-last
+        (1, 52, 26, 8, 7, 1, False, True),  # and its 52 -> 26 layer (mixes first too)
         (2, 13, 13, 5, 6, 1, False, True),
         (2, 6, 6, 9, 8, 2, True, True),
     ],
