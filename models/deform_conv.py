@@ -198,12 +198,15 @@ def _sampling_plan(
     stride: Tuple[int, int],
     padding: Tuple[int, int],
     dilation: Tuple[int, int],
+    per_tap_rows: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Corner rows, blend weights and fractional parts for every (output location, tap).
 
-    Returns rows (N, K, 4) int32 (int64 for huge maps) of the zero-bordered channels-last table (`_bordered_table`),
-    weights (N, K, 4) = mask x bilinear factors, and the fractional parts fy, fx (N, K) of the
-    sample positions; N = B*Ho*Wo, corners ordered (y0,x0), (y0,x1), (y1,x0), (y1,x1).
+    Returns rows (N, K, 4) int32 (int64 for huge maps) of the zero-bordered channels-last table
+    (`_bordered_table`), weights (N, K, 4) = mask x bilinear factors, and the fractional parts
+    fy, fx (N, K) of the sample positions; N = B*Ho*Wo, corners ordered (y0,x0), (y0,x1),
+    (y1,x0), (y1,x1). `per_tap_rows`: rows of the table's tap-wise projection instead, viewed as
+    (R*K, C) with table row r mixed by tap k at r*K + k (the project-first paths).
     On FeatherFace's maps the number of tensor ops, not their size, is the cost: each op here
     is one pass over (B, Ho, Wo, K) values, in place where the input is no longer needed.
     """
@@ -233,10 +236,14 @@ def _sampling_plan(
     # without AVX-512 convert float to int32, not int64, in vector code.
     index_dt = torch.int32 if b * (h + 2) * wp * taps < 2**31 else torch.int64
     y0, x0, y1, x1 = (c.to(index_dt) for c in (y0, x0, y1, x1))
-    y0, y1 = y0 * wp, y1 * wp
+    row_size = taps if per_tap_rows else 1  # index units per table row
+    if per_tap_rows:  # (y * Wp + x) * K + k
+        tap = torch.arange(taps, device=dev, dtype=index_dt)
+        x0, x1 = torch.add(tap, x0, alpha=taps), torch.add(tap, x1, alpha=taps)
+    y0, y1 = y0 * (wp * row_size), y1 * (wp * row_size)
     rows = torch.stack([y0 + x0, y0 + x1, y1 + x0, y1 + x1], -1)
     if b > 1:
-        rows += torch.arange(b, device=dev, dtype=index_dt).view(b, 1, 1, 1, 1) * ((h + 2) * wp)
+        rows += torch.arange(b, device=dev, dtype=index_dt).view(b, 1, 1, 1, 1) * ((h + 2) * wp * row_size)
     n = b * ho * wo
     return rows.reshape(n, taps, 4), weights.reshape(n, taps, 4), fy.reshape(n, taps), fx.reshape(n, taps)
 
@@ -265,15 +272,16 @@ def _deform_conv2d_inference(
     b, cin, h, w = x.shape
     cout = weight.shape[0]
     ho, wo = offset.shape[2:]
-    rows, weights, _, _ = _sampling_plan(offset, mask, (h, w), kernel, stride, padding, dilation)
+    project = 2 * cout <= cin
+    rows, weights, _, _ = _sampling_plan(offset, mask, (h, w), kernel, stride, padding, dilation,
+                                         per_tap_rows=project)
     n, taps = rows.shape[:2]
     table = _bordered_table(x)
     w_taps = weight.permute(2, 3, 1, 0).reshape(taps, cin, cout)  # (K, Cin, Cout)
-    if 2 * cout <= cin:
+    if project:
         # (R, K*Cout) viewed as (R*K, Cout): table row r mixed by tap k sits at row r*K + k.
         mixed = torch.mm(table, w_taps.transpose(0, 1).reshape(cin, taps * cout)).view(-1, cout)
-        tap_rows = rows * taps + torch.arange(taps, device=x.device, dtype=rows.dtype).view(1, taps, 1)
-        out = F.embedding_bag(tap_rows.view(n, 4 * taps), mixed, per_sample_weights=weights.view(n, 4 * taps),
+        out = F.embedding_bag(rows.view(n, 4 * taps), mixed, per_sample_weights=weights.view(n, 4 * taps),
                               mode="sum")
     else:
         sampled = F.embedding_bag(rows.view(n * taps, 4), table, per_sample_weights=weights.view(n * taps, 4),
