@@ -13,11 +13,12 @@ inference_mode), onnx (the exported
 graph in ONNX Runtime's CPU provider), onnx_plain (the graph traced from the model as built).
 Random-init models unless --weights; ONNX files are exported to a temporary folder.
 
---compare BASELINE.onnx (e.g. RetinaFace-mnet0.25) times the baseline in the same run, in
---rounds interleaved rounds (baseline, then every configuration, per round), and adds each
-configuration's ratio to the baseline at the same size, batch and threads: the median of the
-per-round ratios, with their range, so a machine shared with other work still gives comparable
-figures.
+--compare BASELINE.onnx (e.g. RetinaFace-mnet0.25) times the baseline in the same run and adds
+each configuration's ratio to the baseline at the same size, batch and threads. In each of
+--rounds interleaved rounds every configuration's block of calls runs right after a block of the
+baseline's (each block starting with an untimed call); the ratio is the median over rounds of the
+model's block median / the paired baseline block's median, with the range over rounds, so a
+machine whose speed drifts (a shared host) still gives comparable figures.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import torch
 from data.config import CONFIGS
 from models import build_model
 from utils.checkpoint import load_model
-from utils.inference.detector import OnnxBackend, TorchBackend
+from utils.inference.detector import OnnxBackend, TorchBackend, ort_session_options
 from utils.errors import FeatherFaceError, run_cli
 from utils.timing import BenchConfig, count_flops, machine_info, markdown_table, measure_configs, ratio_summary
 
@@ -74,9 +75,7 @@ def compare_runner(path: Path, threads: int) -> Callable[[torch.Tensor], object]
     """Run any single-input ONNX model (all outputs fetched)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), ort_session_options(threads), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x.numpy()})
 

@@ -168,19 +168,43 @@ def test_benchmark_quick_prints_table_and_json(tmp_path):
 def test_ratios_are_per_round_and_matched_by_setting(monkeypatch):
     import utils.timing as timing
 
-    # Round medians: baseline 10 then 20 ms; the model 5 then 12 ms -> ratios 0.5, 0.6.
-    fake = {0: [[0.010], [0.020]], 1: [[0.005], [0.012]], 2: [[0.003], [0.003]]}
+    # Round medians: the model 5 then 12 ms, the baseline calls paired with it 10 then 20 ms ->
+    # ratios 0.5, 0.6; the baseline's own row (its unpaired calls) 9 then 11 ms.
+    own = {0: [[0.009], [0.011]], 1: [[0.005], [0.012]], 2: [[0.003], [0.003]]}
+    paired = {1: [[0.010], [0.020]]}
+    seen = {}
+
+    def fake(fns, runs, warmup, rounds, partners):
+        seen["partners"] = partners
+        return ([[timing.Latency(t) for t in own[i]] for i in range(len(fns))],
+                [[timing.Latency(t) for t in paired[i]] if i in paired else [None, None] for i in range(len(fns))])
+
     monkeypatch.setattr(timing, "prepare_config", lambda config: (lambda: None, None))
-    monkeypatch.setattr(timing, "interleaved_latencies", lambda fns, runs, warmup, rounds: [
-        [timing.Latency(t) for t in fake[i]] for i in range(len(fns))])
+    monkeypatch.setattr(timing, "interleaved_latencies", fake)
     make = lambda: None  # noqa: E731
     configs = [timing.BenchConfig("base", "onnx_compare", 2, 1, (640, 640), None, make, baseline=True),
                timing.BenchConfig("v2", "onnx", 2, 1, (640, 640), 1, make),
                timing.BenchConfig("v2", "onnx", 1, 1, (640, 640), 1, make)]  # no baseline at 1 thread
     rows = timing.measure_configs(configs, runs=2, warmup=0, rounds=2)
-    assert rows[0]["ratio"] == 1.0
+    assert seen["partners"] == [0, 0, None]
+    assert rows[0]["ratio"] == 1.0 and rows[0]["median_ms"] == pytest.approx(10.0)
     assert rows[1]["ratio"] == pytest.approx(0.55) and rows[1]["ratio_range"] == [0.5, 0.6]
     assert rows[2]["ratio"] is None and rows[1]["median_ms"] == pytest.approx(8.5)
+
+
+def test_paired_blocks_follow_the_partner():
+    from utils.timing import interleaved_latencies
+
+    calls = []
+    fns = [lambda: calls.append("base"), lambda: calls.append("a"), lambda: calls.append("b")]
+    own, paired = interleaved_latencies(fns, runs=3, warmup=1, rounds=2, partners=[None, 0, None])
+    assert calls[:3] == ["base", "a", "b"]  # warm-up
+    # Every block: one untimed call, then 3 timed; "a" right after a block of its partner's.
+    round_calls = ["base"] * 4 + ["base"] * 4 + ["a"] * 4 + ["b"] * 4
+    assert calls[3:] == round_calls * 2
+    assert [len(r) for r in own] == [2, 2, 2] and all(len(lat.times) == 3 for r in own for lat in r)
+    assert paired[0] == [None, None] and paired[2] == [None, None]
+    assert all(len(lat.times) == 3 for lat in paired[1])
 
 
 @pytest.mark.slow

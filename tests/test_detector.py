@@ -15,7 +15,7 @@ from models import build_model
 from models.deform_conv import DeformableConv2d
 from tests.conftest import ROOT
 from tests.test_convert_official import GOLDEN_GROUP_8
-from utils.inference.detector import Face, FaceDetector, TorchBackend, backend_for
+from utils.inference.detector import Face, FaceDetector, TorchBackend, backend_for, ort_session_options
 from utils.errors import FeatherFaceError
 from utils.deploy.fuse import count_batchnorms, fold_conv_bn, fuse_batchnorm
 
@@ -217,3 +217,12 @@ def test_onnx_backend_matches_torch_real(real_checkpoint, group_8, tmp_path):
         det.image_size = 320
     for a, b in zip(torch_det.detect_arrays([group_8, crowd]), onnx_det.detect_arrays([group_8, crowd])):
         assert_same_detections(a, b, coord_tol=1e-2)
+
+
+def test_onnx_sessions_stop_spinning_after_each_run():
+    """Idle ORT workers must not keep spinning after a run: they would slow the decode/NMS that
+    follows and any other runtime in the process (benchmark.py's comparisons)."""
+    options = ort_session_options(3)
+    assert options.intra_op_num_threads == 3
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert ort_session_options().intra_op_num_threads == 0  # ORT's own default

@@ -62,21 +62,37 @@ def measure_latency(fn: Callable[[], object], runs: int, warmup: int) -> Latency
     return Latency(times)
 
 
-def interleaved_latencies(fns: Sequence[Callable[[], object]], runs: int, warmup: int,
-                          rounds: int) -> List[List[Latency]]:
+def interleaved_latencies(fns: Sequence[Callable[[], object]], runs: int, warmup: int, rounds: int,
+                          partners: Optional[Sequence[Optional[int]]] = None
+                          ) -> Tuple[List[List[Latency]], List[List[Optional[Latency]]]]:
     """Time several callables in `rounds` interleaved rounds (each round: every fn `runs` times,
-    one after the other), so that all of them see the same machine load; ratios between them
-    are then comparable even on a busy machine. Returns per fn the Latency of each round."""
+    one after the other), so that all of them see the same machine load.
+
+    `partners[i]` (an index, or None): in every round fn i's block of calls directly follows a
+    block of its partner's, timed for the pair alone, so that a ratio of the two compares calls
+    made well under a second apart (a shared host's speed drifts over seconds). Each block
+    starts with one untimed call: right after another runtime (ONNX Runtime's spinning thread
+    pool, OpenMP's) the first call can take twice as long.
+
+    Returns (per fn its Latency of each round, per fn its partner's paired Latency of each round
+    or None)."""
     if rounds < 1:
         raise ValueError(f"need rounds >= 1, got {rounds}")
+    partners = list(partners) if partners is not None else [None] * len(fns)
     for fn in fns:
         for _ in range(warmup):
             fn()
-    per_fn: List[List[Latency]] = [[] for _ in fns]
+    own: List[List[Latency]] = [[] for _ in fns]
+    paired: List[List[Optional[Latency]]] = [[] for _ in fns]
     for _ in range(rounds):
         for i, fn in enumerate(fns):
-            per_fn[i].append(measure_latency(fn, runs, 0))
-    return per_fn
+            partner = partners[i]
+            if partner is None or partner == i:
+                paired[i].append(None)
+            else:
+                paired[i].append(measure_latency(fns[partner], runs, 1))
+            own[i].append(measure_latency(fn, runs, 1))
+    return own, paired
 
 
 def _deform_conv_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
@@ -170,15 +186,18 @@ def prepare_config(config: BenchConfig) -> Tuple[Callable[[], object], Optional[
 def measure_configs(configs: List[BenchConfig], runs: int, warmup: int, rounds: int,
                     log: Optional[Callable[[Dict], None]] = None) -> List[Dict]:
     """Time every configuration: one table row each (median/p90 ms, images/s, GFLOPs, peak MiB).
-    When one is a baseline, all are timed in `rounds` interleaved rounds and each row gets
-    `ratio` (median over rounds of its round median / the baseline's at the same threads, batch
-    and size) and `ratio_range` (min, max over rounds)."""
+    When one is a baseline, all are timed in `rounds` interleaved rounds, each configuration's
+    block of calls right after a block of the baseline's at the same threads, batch and size,
+    and each row gets `ratio` (median over rounds of its round median / the paired baseline
+    block's median) and `ratio_range` (min, max over rounds)."""
     prepared = [prepare_config(c) for c in configs]
     rounds = rounds if any(c.baseline for c in configs) else 1
-    per_round = interleaved_latencies([call for call, _ in prepared], max(1, -(-runs // rounds)), warmup, rounds)
     key = lambda c: (c.threads, c.batch, c.size)  # noqa: E731
     baselines = {key(c): i for i, c in enumerate(configs) if c.baseline and key(c) not in
                  {key(b) for b in configs[:i] if b.baseline}}
+    partners = [baselines.get(key(c)) for c in configs]
+    per_round, paired = interleaved_latencies([call for call, _ in prepared], max(1, -(-runs // rounds)), warmup,
+                                              rounds, partners)
     rows = []
     for i, (config, (_, peak_mb)) in enumerate(zip(configs, prepared)):
         latency = Latency([t for lat in per_round[i] for t in lat.times])
@@ -187,9 +206,10 @@ def measure_configs(configs: List[BenchConfig], runs: int, warmup: int, rounds: 
                "p90_ms": round(latency.p90_ms, 2), "images_per_s": round(latency.images_per_s(config.batch), 2),
                "gflops": None if config.flops is None else round(config.flops * config.batch / 1e9, 3),
                "peak_mb": None if peak_mb is None else round(peak_mb, 1), "ratio": None, "ratio_range": None}
-        base = baselines.get(key(config))
+        base = partners[i]
         if base is not None:
-            ratios = [a.median_ms / b.median_ms for a, b in zip(per_round[i], per_round[base])]
+            partner_rounds = per_round[i] if base == i else paired[i]
+            ratios = [a.median_ms / b.median_ms for a, b in zip(per_round[i], partner_rounds)]
             row["ratio"] = round(statistics.median(ratios), 3)
             row["ratio_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
         if log is not None:

@@ -36,7 +36,7 @@ from torchvision.ops import nms
 from data.config import MEAN_BGR, ModelConfig
 from layers.box_utils import decode, decode_landmarks
 from utils.deploy.rewrites import DEFORM_FORMS, deploy_model
-from utils.inference.detector import INPUT_NAME, ONNX_CONFIG_KEY, OUTPUT_NAMES
+from utils.inference.detector import INPUT_NAME, ONNX_CONFIG_KEY, OUTPUT_NAMES, ort_session_options
 from utils.inference.postprocess import DEMO_POSTPROCESS, PostProcessConfig
 from utils.errors import FeatherFaceError
 
@@ -329,9 +329,8 @@ def ort_session(path: PathLike, threads: Optional[int] = None):
     """CPU ONNX Runtime session (the CPU provider implements DeformConv)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    options = ort_session_options(threads)
     if threads:
-        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
