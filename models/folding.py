@@ -8,7 +8,8 @@ conv with weight W * s and bias b * s + t. Two users:
   on the weights, nothing cached, so it always reflects the current parameters) and skips the
   BN pass over the feature map: on the CPU in channels-last that pass is slow for narrow maps
   (the 16-channel 320x320 map of the backbone alone costs about 2 ms at 640x640). Training
-  mode, BNs without running statistics and ONNX export take the ordinary conv -> BN path.
+  mode, BNs without running statistics, maps too small for the fold to pay (`FOLD_MIN_VALUES`)
+  and ONNX export take the ordinary conv -> BN path.
 - utils/deploy/fuse.py: the deployment form folds once, in float64, and drops the BN.
 """
 from __future__ import annotations
@@ -45,15 +46,18 @@ def fold_bn(weight: Tensor, bias: Optional[Tensor], bn: nn.BatchNorm2d,
 
 
 # Folding costs a handful of tiny ops on the weights (~25 us on a CPU); a BN pass costs about
-# 0.5 ns per value of its map. Below this many values per image the BN pass is cheaper.
+# 0.5 ns per value of its map (estimated as BN channels x the conv's input H x W). Below this
+# many values per image the BN pass is cheaper.
 FOLD_MIN_VALUES = 2**16
 
 
 def folds_at_call(bn: nn.Module, x: Tensor) -> bool:
     """True when an eval-mode forward folds `bn` into the conv that reads `x` (B, C, H, W)."""
+    # The export check comes before the size test: an exporter's symbolic H and W must not meet a
+    # size comparison (it would become a guard on the dynamic axes).
     return (type(bn) is nn.BatchNorm2d and not bn.training and bn.running_mean is not None
-            and bn.num_features * x.shape[-2] * x.shape[-1] >= FOLD_MIN_VALUES
-            and not torch.onnx.is_in_onnx_export())
+            and not torch.onnx.is_in_onnx_export()
+            and bn.num_features * x.shape[-2] * x.shape[-1] >= FOLD_MIN_VALUES)
 
 
 def conv_bn_forward(conv: Union[nn.Conv2d, DeformableConv2d], bn: nn.Module, x: Tensor) -> Tensor:
@@ -76,9 +80,9 @@ class ConvBNSequential(nn.Sequential):
             return super().forward(x)
         layers, i = list(self), 0
         while i < len(layers):
-            pair = layers[i:i + 2]
-            if len(pair) == 2 and isinstance(pair[0], (nn.Conv2d, DeformableConv2d)) and folds_at_call(pair[1], x):
-                x = conv_bn_forward(pair[0], pair[1], x)
+            following = layers[i + 1] if i + 1 < len(layers) else None
+            if isinstance(layers[i], (nn.Conv2d, DeformableConv2d)) and type(following) is nn.BatchNorm2d:
+                x = conv_bn_forward(layers[i], following, x)
                 i += 2
             else:
                 x = layers[i](x)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -61,3 +62,22 @@ def real_checkpoint() -> Path:
     from utils.inference.detector import PUBLISHED_WEIGHTS
 
     return PUBLISHED_WEIGHTS
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics/affines and deformable offsets, so folding has work to do."""
+    from models.deform_conv import DeformableConv2d
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+            if isinstance(m, DeformableConv2d):
+                m.offset_conv.weight.normal_(0, 0.02, generator=g)
+                m.modulator_conv.weight.normal_(0, 0.02, generator=g)
+    return model.eval()

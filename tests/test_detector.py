@@ -12,8 +12,7 @@ from torch import nn
 from data.config import get_config
 from data.preprocess import preprocess
 from models import build_model
-from models.deform_conv import DeformableConv2d
-from tests.conftest import ROOT
+from tests.conftest import ROOT, randomise
 from tests.test_convert_official import GOLDEN_GROUP_8
 from utils.inference.detector import Face, FaceDetector, TorchBackend, backend_for, ort_session_options
 from utils.errors import FeatherFaceError
@@ -23,23 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SAMPLE = ROOT / "data" / "sample" / "images"
 FOLD_TOL = 1e-4
-
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics/affines and deformable offsets, so folding has work to do."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-            if isinstance(m, DeformableConv2d):
-                m.offset_conv.weight.normal_(0, 0.02, generator=g)
-                m.modulator_conv.weight.normal_(0, 0.02, generator=g)
-    return model.eval()
 
 
 def max_output_diff(a, b, x: torch.Tensor) -> float:

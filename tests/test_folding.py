@@ -7,25 +7,12 @@ import models.folding as folding
 from models.deform_conv import DeformableConv2d
 from models.featherface import build_model
 from models.folding import ConvBNSequential, conv_bn_forward, fold_bn
-
-
-def _randomise_batchnorms(model: nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.3)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                m.weight.copy_(1 + torch.randn(n, generator=gen) * 0.2)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
+from tests.conftest import randomise
 
 
 @pytest.mark.parametrize("name", ["v1", "v1_original", "v1_slim", "v2"])
 def test_folded_eval_forward_equals_conv_then_bn(name, monkeypatch):
-    model = build_model(name)
-    _randomise_batchnorms(model)
-    model.eval()
+    model = randomise(build_model(name))
     x = torch.randn(2, 3, 161, 223)
     decisions = []
     real = folding.folds_at_call
@@ -71,8 +58,7 @@ def test_training_mode_and_export_use_the_batch_norm():
 def test_gradients_flow_through_the_fold_like_through_the_batch_norm():
     torch.manual_seed(0)
     seq = ConvBNSequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-    _randomise_batchnorms(seq, seed=1)
-    seq.eval()
+    randomise(seq, seed=1)
     x = torch.randn(1, 3, 96, 96, requires_grad=True)
     seq(x).square().sum().backward()
     grads = [x.grad.clone()] + [p.grad.clone() for p in seq.parameters()]
@@ -86,7 +72,7 @@ def test_gradients_flow_through_the_fold_like_through_the_batch_norm():
 def test_deformable_conv_takes_the_folded_weights():
     torch.manual_seed(0)
     dcn, bn = DeformableConv2d(6, 4), nn.BatchNorm2d(4)
-    _randomise_batchnorms(bn)
+    randomise(bn)
     with torch.no_grad():
         dcn.offset_conv.weight.normal_(0, 0.1)
     bn.eval()
@@ -97,7 +83,7 @@ def test_deformable_conv_takes_the_folded_weights():
 
 def test_fold_formula_in_float64():
     conv, bn = nn.Conv2d(3, 5, 3, bias=True), nn.BatchNorm2d(5, eps=1e-3)
-    _randomise_batchnorms(bn, seed=2)
+    randomise(bn, seed=2)
     bn.eval()
     weight, bias = fold_bn(conv.weight, conv.bias, bn, dtype=torch.float64)
     assert weight.dtype == bias.dtype == torch.float64
