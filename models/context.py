@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.deform_conv import DeformableConv2d
-from models.folding import ConvBNSequential
+from models.deform_conv import DeformableConv2d, shared_coordinates
+from models.folding import ConvBNSequential, conv_bn_forward
 
 
 def channel_shuffle(x: torch.Tensor, groups: int, order: str = "standard") -> torch.Tensor:
@@ -115,6 +115,27 @@ class SSH(_ThreeBranchContext):
         self.conv5x5_2 = deform_bn(quarter, quarter, act=False)
         self.conv7x7_2 = deform_bn(quarter, quarter, act=True)
         self.conv7x7_3 = deform_bn(quarter, quarter, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The two layers reading x (and the two reading mid) get their offsets and masks from one
+        # conv (`shared_coordinates`); otherwise the dataflow of _ThreeBranchContext.
+        coords3, coords5 = shared_coordinates([self.conv3x3[0], self.conv5x5_1[0]], x)
+        branch3 = _deform_branch(self.conv3x3, x, coords3)
+        mid = _deform_branch(self.conv5x5_1, x, coords5)
+        coords5b, coords7 = shared_coordinates([self.conv5x5_2[0], self.conv7x7_2[0]], mid)
+        branch5 = _deform_branch(self.conv5x5_2, mid, coords5b)
+        branch7 = self.conv7x7_3(_deform_branch(self.conv7x7_2, mid, coords7))
+        return torch.relu(torch.cat([branch3, branch5, branch7], dim=1))
+
+
+def _deform_branch(branch: nn.Sequential, x: torch.Tensor, coordinates) -> torch.Tensor:
+    """A `deform_bn` branch (deformable conv, BN or its folded Identity, [activation]) run with
+    offsets and masks computed already."""
+    dcn, bn, *rest = branch
+    y = conv_bn_forward(dcn, bn, x, coordinates=coordinates)
+    for layer in rest:
+        y = layer(y)
+    return y
 
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -559,11 +559,15 @@ class DeformableConv2d(nn.Module):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                coordinates: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """x (B, Cin, H, W) -> (B, Cout, Ho, Wo). `weight` / `bias` replace the regular conv's
-        (a batch norm folded in by models/folding.py)."""
-        offset = self.offset_conv(x)  # (B, 2*K, Ho, Wo), (dy, dx) per tap
-        mask = 2.0 * torch.sigmoid(self.modulator_conv(x))  # (B, K, Ho, Wo), 1 at init
+        (a batch norm folded in by models/folding.py); `coordinates` = (offset, mask) computed
+        already (`shared_coordinates`)."""
+        if coordinates is None:
+            (offset, mask), = shared_coordinates([self], x)
+        else:
+            offset, mask = coordinates
         if weight is None:
             weight, bias = self.regular_conv.weight, self.regular_conv.bias
         return deform_conv2d(x, offset, weight, bias, stride=self.stride, padding=self.padding, mask=mask,
@@ -573,6 +577,26 @@ class DeformableConv2d(nn.Module):
         return f"backend={self.backend!r}"
 
 
+def shared_coordinates(layers: Sequence[DeformableConv2d], x: Tensor) -> List[Tuple[Tensor, Tensor]]:
+    """(offset (B, 2K, Ho, Wo), mask = 2 sigmoid(modulator) (B, K, Ho, Wo)) of each layer, all
+    reading `x`: their offset and modulator convs run as one conv (weights concatenated on every
+    call, so training updates them as usual). For the two SSH layers that read the same map this
+    is one pass over it instead of four (on the CPU at 80x80, 52 channels: 2.5 vs 4.7 ms)."""
+    first = layers[0]
+    convs = [conv for layer in layers for conv in (layer.offset_conv, layer.modulator_conv)]
+    if any(c.kernel_size != first.offset_conv.kernel_size or c.stride != first.offset_conv.stride
+           or c.padding != first.offset_conv.padding for c in convs):
+        raise ValueError("shared_coordinates needs deformable convs of one geometry")
+    if len(convs) == 2:
+        out = [conv(x) for conv in convs]
+    else:
+        weight = torch.cat([c.weight for c in convs])
+        bias = torch.cat([c.bias for c in convs])
+        out = F.conv2d(x, weight, bias, first.offset_conv.stride, first.offset_conv.padding)
+        out = out.split([c.out_channels for c in convs], dim=1)
+    return [(out[i], 2.0 * torch.sigmoid(out[i + 1])) for i in range(0, len(out), 2)]
+
+
 __all__: List[str] = [
     "BACKENDS",
     "DeformableConv2d",
@@ -580,4 +604,5 @@ __all__: List[str] = [
     "deform_conv2d",
     "deform_conv2d_fast",
     "get_deform_backend",
+    "shared_coordinates",
 ]

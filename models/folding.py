@@ -60,13 +60,14 @@ def folds_at_call(bn: nn.Module, x: Tensor) -> bool:
             and bn.num_features * x.shape[-2] * x.shape[-1] >= FOLD_MIN_VALUES)
 
 
-def conv_bn_forward(conv: Union[nn.Conv2d, DeformableConv2d], bn: nn.Module, x: Tensor) -> Tensor:
-    """bn(conv(x)), as one conv call with folded weights when `folds_at_call(bn, x)`."""
+def conv_bn_forward(conv: Union[nn.Conv2d, DeformableConv2d], bn: nn.Module, x: Tensor, **extra) -> Tensor:
+    """bn(conv(x)), as one conv call with folded weights when `folds_at_call(bn, x)`. `extra`
+    keywords go to a deformable conv (its precomputed `coordinates`)."""
     if not folds_at_call(bn, x):
-        return bn(conv(x))
+        return bn(conv(x, **extra))
     if isinstance(conv, DeformableConv2d):
         weight, bias = fold_bn(conv.regular_conv.weight, conv.regular_conv.bias, bn)
-        return conv(x, weight=weight, bias=bias)
+        return conv(x, weight=weight, bias=bias, **extra)
     weight, bias = fold_bn(conv.weight, conv.bias, bn)
     return conv._conv_forward(x, weight, bias)
 

@@ -346,3 +346,34 @@ def test_sampling_rows_widen_to_int64_only_for_huge_maps():
     assert small.dtype == torch.int32 and huge.dtype == torch.int64
     # Far below-right samples land on the last (zero) border row of the table.
     assert small.max() == 42 * 32 - 1 and huge.max() == 20002 * 20002 - 1
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_ssh_shared_coordinates_equal_separate_convs(train, monkeypatch):
+    """V1's SSH computes the offsets/masks of sibling deformable convs with one conv: same
+    outputs and gradients as each layer's own offset and modulator convs."""
+    from models.context import SSH, _ThreeBranchContext
+    from tests.conftest import randomise
+
+    torch.manual_seed(0)
+    ssh = randomise(SSH(16)).train(train)
+    x = torch.randn(2, 16, 11, 9, requires_grad=True)
+    outs, grads = [], []
+    for forward in (SSH.forward, _ThreeBranchContext.forward):
+        monkeypatch.setattr(SSH, "forward", forward)
+        ssh.zero_grad()
+        x.grad = None
+        y = ssh(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in ssh.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_coordinates_need_one_geometry():
+    from models.deform_conv import shared_coordinates
+
+    with pytest.raises(ValueError, match="one geometry"):
+        shared_coordinates([DeformableConv2d(4, 4), DeformableConv2d(4, 4, padding=2)], torch.randn(1, 4, 8, 8))
