@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from models.deform_conv import DeformableConv2d, shared_coordinates
-from models.folding import ConvBNSequential, conv_bn_forward
+from models.folding import ConvBNSequential
 
 
 def channel_shuffle(x: torch.Tensor, groups: int, order: str = "standard") -> torch.Tensor:
@@ -120,22 +120,12 @@ class SSH(_ThreeBranchContext):
         # The two layers reading x (and the two reading mid) get their offsets and masks from one
         # conv (`shared_coordinates`); otherwise the dataflow of _ThreeBranchContext.
         coords3, coords5 = shared_coordinates([self.conv3x3[0], self.conv5x5_1[0]], x)
-        branch3 = _deform_branch(self.conv3x3, x, coords3)
-        mid = _deform_branch(self.conv5x5_1, x, coords5)
+        branch3 = self.conv3x3(x, coordinates=coords3)
+        mid = self.conv5x5_1(x, coordinates=coords5)
         coords5b, coords7 = shared_coordinates([self.conv5x5_2[0], self.conv7x7_2[0]], mid)
-        branch5 = _deform_branch(self.conv5x5_2, mid, coords5b)
-        branch7 = self.conv7x7_3(_deform_branch(self.conv7x7_2, mid, coords7))
+        branch5 = self.conv5x5_2(mid, coordinates=coords5b)
+        branch7 = self.conv7x7_3(self.conv7x7_2(mid, coordinates=coords7))
         return torch.relu(torch.cat([branch3, branch5, branch7], dim=1))
-
-
-def _deform_branch(branch: nn.Sequential, x: torch.Tensor, coordinates) -> torch.Tensor:
-    """A `deform_bn` branch (deformable conv, BN or its folded Identity, [activation]) run with
-    offsets and masks computed already."""
-    dcn, bn, *rest = branch
-    y = conv_bn_forward(dcn, bn, x, coordinates=coordinates)
-    for layer in rest:
-        y = layer(y)
-    return y
 
 
 

@@ -73,19 +73,21 @@ def conv_bn_forward(conv: Union[nn.Conv2d, DeformableConv2d], bn: nn.Module, x: 
 
 
 class ConvBNSequential(nn.Sequential):
-    """nn.Sequential (same children, same state-dict keys) whose eval forward runs every
-    (conv, BatchNorm2d) pair of neighbours through `conv_bn_forward`."""
+    """nn.Sequential (same children, same state-dict keys) that runs every (conv, BatchNorm2d)
+    pair of neighbours through `conv_bn_forward` (folded in eval mode, conv then BN otherwise).
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.training:
-            return super().forward(x)
+    forward(x, **first): `first` keywords go to the first layer (a deformable conv's precomputed
+    `coordinates`, models/context.py)."""
+
+    def forward(self, x: Tensor, **first) -> Tensor:
         layers, i = list(self), 0
         while i < len(layers):
+            extra = first if i == 0 else {}
             following = layers[i + 1] if i + 1 < len(layers) else None
             if isinstance(layers[i], (nn.Conv2d, DeformableConv2d)) and type(following) is nn.BatchNorm2d:
-                x = conv_bn_forward(layers[i], following, x)
+                x = conv_bn_forward(layers[i], following, x, **extra)
                 i += 2
             else:
-                x = layers[i](x)
+                x = layers[i](x, **extra)
                 i += 1
         return x
