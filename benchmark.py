@@ -11,7 +11,9 @@ Backends: torch (FaceDetector's PyTorch path: the deployment form of utils/deplo
 channels-last on CPU), eager (the model as built, `build_model(name).eval()` under
 inference_mode), onnx (the exported
 graph in ONNX Runtime's CPU provider), onnx_plain (the graph traced from the model as built).
-Random-init models unless --weights; ONNX files are exported to a temporary folder.
+Random-init models unless --weights; ONNX files are exported to a temporary folder. The PyTorch
+backends keep freed memory in the process, as FaceDetector does (utils/inference/memory.py);
+--system_malloc leaves glibc's defaults.
 
 --compare BASELINE.onnx (e.g. RetinaFace-mnet0.25) times the baseline in the same run and adds
 each configuration's ratio to the baseline at the same size, batch and threads. In each of
@@ -37,6 +39,7 @@ from data.config import CONFIGS
 from models import build_model
 from utils.checkpoint import load_model
 from utils.inference.detector import OnnxBackend, TorchBackend, ort_session_options
+from utils.inference.memory import freed_memory_kept
 from utils.errors import FeatherFaceError, run_cli
 from utils.timing import BenchConfig, count_flops, machine_info, markdown_table, measure_configs, ratio_summary
 
@@ -57,6 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds when --compare is given")
     p.add_argument("--compare", nargs="*", type=Path, default=[],
                    help="other ONNX models (one NCHW float input) to time; the first is the ratio baseline")
+    p.add_argument("--system_malloc", action="store_true",
+                   help="leave glibc's malloc settings as they are (PyTorch backends then page-fault on every call; "
+                        "see utils/inference/memory.py)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument("--quiet", action="store_true", help="no per-configuration lines on stderr")
     p.add_argument("--quick", action="store_true", help="tiny settings for smoke tests: size 64, 1 thread, 3 runs")
@@ -119,8 +125,9 @@ def main(args: argparse.Namespace) -> List[Dict]:
                           for b in ("onnx", "onnx_plain") if b in args.backends}
             flops = {s: count_flops(model, torch.zeros(1, 3, s, s)) for s in args.sizes}
             for (s, batch, threads), backend in itertools.product(combos, args.backends):
-                makers = {"torch": lambda m=model: TorchBackend(m, fuse=True),
-                          "eager": lambda m=model: TorchBackend(m, fuse=False, channels_last=False),
+                keep = not args.system_malloc
+                makers = {"torch": lambda m=model: TorchBackend(m, fuse=True, keep_memory=keep),
+                          "eager": lambda m=model: TorchBackend(m, fuse=False, channels_last=False, keep_memory=keep),
                           "onnx": lambda p=onnx_paths.get("onnx"), t=threads: OnnxBackend(p, threads=t),
                           "onnx_plain": lambda p=onnx_paths.get("onnx_plain"), t=threads: OnnxBackend(p, threads=t)}
                 configs.append(BenchConfig(label, backend, threads, batch, (s, s), flops[s], makers[backend]))
@@ -129,7 +136,7 @@ def main(args: argparse.Namespace) -> List[Dict]:
     if args.compare:
         print(ratio_summary(rows, args.compare[0].name, args.rounds))
     if args.json:
-        machine = {**machine_info(), "load_avg_at_start": load_at_start}
+        machine = {**machine_info(), "load_avg_at_start": load_at_start, "freed_memory_kept": freed_memory_kept()}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": machine, "settings": vars(args), "results": rows},
                                         indent=1, default=str))
