@@ -6,11 +6,13 @@ light grouped-conv shuffle. Sections (§) refer to docs/ARCHITECTURE.md.
 """
 from __future__ import annotations
 
+from typing import List, Sequence
+
 import torch
 from torch import nn
 
-from models.deform_conv import DeformableConv2d, shared_coordinates
-from models.folding import ConvBNSequential
+from models.deform_conv import DeformableConv2d, deform_conv2d_siblings, shared_coordinates
+from models.folding import ConvBNSequential, folded_parameters
 
 
 def channel_shuffle(x: torch.Tensor, groups: int, order: str = "standard") -> torch.Tensor:
@@ -117,15 +119,35 @@ class SSH(_ThreeBranchContext):
         self.conv7x7_3 = deform_bn(quarter, quarter, act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The two layers reading x (and the two reading mid) get their offsets and masks from one
-        # conv (`shared_coordinates`); otherwise the dataflow of _ThreeBranchContext.
-        coords3, coords5 = shared_coordinates([self.conv3x3[0], self.conv5x5_1[0]], x)
-        branch3 = self.conv3x3(x, coordinates=coords3)
-        mid = self.conv5x5_1(x, coordinates=coords5)
-        coords5b, coords7 = shared_coordinates([self.conv5x5_2[0], self.conv7x7_2[0]], mid)
-        branch5 = self.conv5x5_2(mid, coordinates=coords5b)
-        branch7 = self.conv7x7_3(self.conv7x7_2(mid, coordinates=coords7))
-        return torch.relu(torch.cat([branch3, branch5, branch7], dim=1))
+        # The dataflow of _ThreeBranchContext, with the two branches reading x (and the two
+        # reading mid) run as siblings (`deform_branches`).
+        branch3, mid = deform_branches([self.conv3x3, self.conv5x5_1], x)
+        branch5, mid7 = deform_branches([self.conv5x5_2, self.conv7x7_2], mid)
+        return torch.relu(torch.cat([branch3, branch5, self.conv7x7_3(mid7)], dim=1))
+
+
+def deform_branches(branches: Sequence[nn.Sequential], x: torch.Tensor) -> List[torch.Tensor]:
+    """Outputs of SSH branches (deformable conv, BN[, LeakyReLU], as `deform_bn` builds them)
+    that all read `x`: their offsets and masks come from one conv (`shared_coordinates`) and,
+    without autograd on the CPU, their samples from one plan (`deform_conv2d_siblings`); BN
+    folded exactly when `ConvBNSequential` would fold it. Same values as each branch alone."""
+    dcns = [branch[0] for branch in branches]
+    offsets, masks = shared_coordinates(dcns, x)
+    weights, biases, rests = [], [], []
+    for dcn, branch in zip(dcns, branches):
+        bn, rest = branch[1], list(branch)[2:]
+        folded = folded_parameters(dcn, bn, x)
+        if folded is None:
+            folded, rest = (dcn.regular_conv.weight, dcn.regular_conv.bias), [bn] + rest
+        weights.append(folded[0])
+        biases.append(folded[1])
+        rests.append(rest)
+    first = dcns[0]
+    outs = deform_conv2d_siblings(x, offsets, masks, weights, biases, first.stride, first.padding, backend=first.backend)
+    for i, rest in enumerate(rests):
+        for layer in rest:
+            outs[i] = layer(outs[i])
+    return outs
 
 
 

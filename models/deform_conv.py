@@ -109,6 +109,43 @@ def deform_conv2d(
     )
 
 
+def deform_conv2d_siblings(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Optional[Tensor]],
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    backend: str = "auto",
+) -> List[Tensor]:
+    """`deform_conv2d` of G sibling layers that read the same input with one geometry: offset
+    (B, 2KG, Ho, Wo) and mask (B, KG, Ho, Wo) hold layer g's at channels 2Kg..2K(g+1)-1 and
+    Kg..K(g+1)-1 (as `shared_coordinates` returns them); one output per weight.
+
+    Without autograd on the fast CPU path the layers share one sampling plan and table
+    (`_deform_conv2d_inference`); otherwise (training, CUDA, export) each layer runs on its own.
+    """
+    taps = weights[0].shape[2] * weights[0].shape[3]
+    if (any(w.shape[1:] != weights[0].shape[1:] for w in weights) or len(biases) != len(weights)
+            or offset.shape[1] != 2 * taps * len(weights) or mask.shape[1] != taps * len(weights)):
+        raise ValueError(f"deform_conv2d_siblings needs weights of one shape (Cin, kh, kw), one bias each, "
+                         f"{2 * taps} offset and {taps} mask channels per layer; got weights "
+                         f"{[tuple(w.shape) for w in weights]}, offset {tuple(offset.shape)}, mask {tuple(mask.shape)}")
+    chosen = _check_backend(_forced_backend if _forced_backend is not None else backend)
+    params = [input, offset, mask, *weights, *[b for b in biases if b is not None]]
+    if (len(weights) > 1 and input.shape[0] > 0 and _uses_fast(chosen, input)
+            and input.dtype in (torch.float32, torch.float64) and all(t.dtype == input.dtype for t in params)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in params))):
+        geometry = _fast_geometry(input, offset[:, :2 * taps], weights[0], biases[0], stride, padding, dilation,
+                                  mask[:, :taps])  # the checks of one layer hold for all (same shapes)
+        return _deform_conv2d_inference(input, offset, mask, list(weights), list(biases), *geometry)
+    return [deform_conv2d(input, offset[:, 2 * taps * g:2 * taps * (g + 1)], weight, bias, stride, padding, dilation,
+                          mask[:, taps * g:taps * (g + 1)], backend)
+            for g, (weight, bias) in enumerate(zip(weights, biases))]
+
+
 def deform_conv2d_fast(
     input: Tensor,
     offset: Tensor,
@@ -124,6 +161,22 @@ def deform_conv2d_fast(
     input (B, Cin, H, W), offset (B, 2*kh*kw, Ho, Wo) as (dy, dx) per tap in row-major tap
     order, weight (Cout, Cin, kh, kw), mask (B, kh*kw, Ho, Wo) or None; returns (B, Cout, Ho, Wo).
     """
+    geometry = _fast_geometry(input, offset, weight, bias, stride, padding, dilation, mask)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
+    b, taps, cout = input.shape[0], kh * kw, weight.shape[0]
+    ho, wo = offset.shape[2:]
+    if b == 0:
+        return input.new_zeros(0, cout, ho, wo)
+    if mask is None:
+        mask = offset.new_ones(b, taps, ho, wo)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, offset, mask, weight, bias)):
+        return _DeformConv2dFast.apply(input, offset, mask, weight, bias, *geometry)
+    return _deform_conv2d_inference(input, offset, mask, [weight], [bias], *geometry)[0]
+
+
+def _fast_geometry(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor], stride: IntPair,
+                   padding: IntPair, dilation: IntPair, mask: Optional[Tensor]) -> Tuple[Tuple[int, int], ...]:
+    """Check one layer's tensors for the fast path; returns (kernel, stride, padding, dilation)."""
     sh, sw = _pair(stride, "stride")
     ph, pw = _pair(padding, "padding")
     dh, dw = _pair(dilation, "dilation")
@@ -162,21 +215,15 @@ def deform_conv2d_fast(
             "deform_conv2d_fast needs floating-point tensors of one dtype, got "
             f"{[str(t.dtype) for t in (input, *others)]}"
         )
-    if b == 0:
-        return input.new_zeros(0, cout, ho, wo)
-    if mask is None:
-        mask = offset.new_ones(b, taps, ho, wo)
-    geometry = ((kh, kw), (sh, sw), (ph, pw), (dh, dw))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, offset, mask, weight, bias)):
-        return _DeformConv2dFast.apply(input, offset, mask, weight, bias, *geometry)
-    return _deform_conv2d_inference(input, offset, mask, weight, bias, *geometry)
+    return (kh, kw), (sh, sw), (ph, pw), (dh, dw)
 
 
 @functools.lru_cache(maxsize=64)
 def _tap_positions(out_hw: Tuple[int, int], kernel: Tuple[int, int], stride: Tuple[int, int],
                    padding: Tuple[int, int], dilation: Tuple[int, int], dtype: torch.dtype,
-                   device: torch.device) -> Tuple[Tensor, Tensor]:
-    """Integer sampling rows (Ho, 1, K) and columns (1, Wo, K) of every tap before its offset.
+                   device: torch.device, layers: int = 1) -> Tuple[Tensor, Tensor]:
+    """Integer sampling rows (Ho, 1, K) and columns (1, Wo, K) of every tap before its offset
+    (K = kh * kw * layers: the taps repeated for each of `layers` sibling layers).
 
     Cached per geometry (evaluation at one size, a video, every layer of a level share them);
     built outside inference mode so that autograd callers can use them too.
@@ -185,8 +232,8 @@ def _tap_positions(out_hw: Tuple[int, int], kernel: Tuple[int, int], stride: Tup
     with torch.inference_mode(False):
         tap_y = torch.arange(kh, device=device).repeat_interleave(kw) * dilation[0] - padding[0]
         tap_x = torch.arange(kw, device=device).repeat(kh) * dilation[1] - padding[1]
-        rows = (torch.arange(ho, device=device) * stride[0]).view(ho, 1, 1) + tap_y
-        cols = (torch.arange(wo, device=device) * stride[1]).view(1, wo, 1) + tap_x
+        rows = (torch.arange(ho, device=device) * stride[0]).view(ho, 1, 1) + tap_y.repeat(layers)
+        cols = (torch.arange(wo, device=device) * stride[1]).view(1, wo, 1) + tap_x.repeat(layers)
         return rows.to(dtype), cols.to(dtype)
 
 
@@ -199,6 +246,7 @@ def _sampling_plan(
     padding: Tuple[int, int],
     dilation: Tuple[int, int],
     per_tap_rows: bool = False,
+    layers: int = 1,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Corner rows, blend weights and fractional parts for every (output location, tap).
 
@@ -206,15 +254,18 @@ def _sampling_plan(
     (`_bordered_table`), weights (N, K, 4) = mask x bilinear factors, and the fractional parts
     fy, fx (N, K) of the sample positions; N = B*Ho*Wo, corners ordered (y0,x0), (y0,x1),
     (y1,x0), (y1,x1). `per_tap_rows`: rows of the table's tap-wise projection instead, viewed as
-    (R*K, C) with table row r mixed by tap k at r*K + k (the project-first paths).
+    (R*K, C) with table row r mixed by tap k at r*K + k (the project-first paths). `layers`:
+    G sibling layers of one geometry at once (offset (B, 2KG, Ho, Wo), mask (B, KG, Ho, Wo), layer
+    g's taps at g*K..(g+1)*K-1), so K above stands for K*G in the shapes.
     On FeatherFace's maps the number of tensor ops, not their size, is the cost: each op here
     is one pass over (B, Ho, Wo, K) values, in place where the input is no longer needed.
     """
     b, _, ho, wo = offset.shape
     h, w = in_hw
-    taps, dt, dev = kernel[0] * kernel[1], offset.dtype, offset.device
+    layer_taps = kernel[0] * kernel[1]
+    taps, dt, dev = layer_taps * layers, offset.dtype, offset.device
     off = offset.permute(0, 2, 3, 1).reshape(b, ho, wo, taps, 2)  # a view for channels-last offsets
-    grid_y, grid_x = _tap_positions((ho, wo), kernel, stride, padding, dilation, dt, dev)
+    grid_y, grid_x = _tap_positions((ho, wo), kernel, stride, padding, dilation, dt, dev, layers)
     # Same arithmetic as torchvision: integer grid position (as float) plus the learned offset.
     pos_y, pos_x = off[..., 0] + grid_y, off[..., 1] + grid_x  # (B, Ho, Wo, K)
     low_y, low_x = pos_y.floor(), pos_x.floor()
@@ -234,12 +285,12 @@ def _sampling_plan(
     y0, x0 = y0.clamp_(0, h + 1), x0.clamp_(0, w + 1)
     # int32 rows where they fit, also multiplied by K (the project-first path's rows): x86 CPUs
     # without AVX-512 convert float to int32, not int64, in vector code.
-    index_dt = torch.int32 if b * (h + 2) * wp * taps < 2**31 else torch.int64
+    index_dt = torch.int32 if b * (h + 2) * wp * layer_taps < 2**31 else torch.int64
     y0, x0, y1, x1 = (c.to(index_dt) for c in (y0, x0, y1, x1))
-    row_size = taps if per_tap_rows else 1  # index units per table row
-    if per_tap_rows:  # (y * Wp + x) * K + k
-        tap = torch.arange(taps, device=dev, dtype=index_dt)
-        x0, x1 = torch.add(tap, x0, alpha=taps), torch.add(tap, x1, alpha=taps)
+    row_size = layer_taps if per_tap_rows else 1  # index units per table row
+    if per_tap_rows:  # (y * Wp + x) * K + k, k counted within each layer
+        tap = torch.arange(layer_taps, device=dev, dtype=index_dt).repeat(layers)
+        x0, x1 = torch.add(tap, x0, alpha=layer_taps), torch.add(tap, x1, alpha=layer_taps)
     y0, y1 = y0 * (wp * row_size), y1 * (wp * row_size)
     rows = torch.stack([y0 + x0, y0 + x1, y1 + x0, y1 + x1], -1)
     if b > 1:
@@ -252,45 +303,61 @@ def _deform_conv2d_inference(
     x: Tensor,
     offset: Tensor,
     mask: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
+    weights: Sequence[Tensor],
+    biases: Sequence[Optional[Tensor]],
     kernel: Tuple[int, int],
     stride: Tuple[int, int],
     padding: Tuple[int, int],
     dilation: Tuple[int, int],
-) -> Tensor:
-    """Forward without autograd: every bilinear blend is one `embedding_bag` (weighted sum of
-    gathered table rows, a fused CPU kernel) instead of gather + four blend passes.
+) -> List[Tensor]:
+    """Forward without autograd of G >= 1 sibling layers reading `x` (offset (B, 2KG, Ho, Wo) and
+    mask (B, KG, Ho, Wo), layer g's taps at g*K..(g+1)*K-1); one output per weight.
 
+    Every bilinear blend is one `embedding_bag` (weighted sum of gathered table rows, a fused CPU
+    kernel) instead of gather + four blend passes. Siblings share one sampling plan and one
+    table: on FeatherFace's maps the plan costs its dozen-odd tensor ops, not their size.
     Layers that at least halve the width (2 Cout <= Cin) project first: each tap's weight slice
     mixes the table to Cout channels and one bag of 4K rows per location sums the taps too (for
     FeatherFace's 52 -> 26 SSH conv the whole FaceDetector v1 path is 1.4 % faster than sampling
-    first). Otherwise each (location, tap) bag samples Cin channels and one matrix multiply mixes
-    them. On the 2-core CPU at 80x80 this is 1.4-3.7x faster than the autograd path
-    (`_DeformConv2dFast`).
+    first). Otherwise each (location, tap) bag samples Cin channels (one bag call for all the
+    siblings) and one matrix multiply per layer mixes them. On the 2-core CPU at 80x80 this is
+    1.4-3.7x faster than the autograd path (`_DeformConv2dFast`).
     """
     b, cin, h, w = x.shape
-    cout = weight.shape[0]
     ho, wo = offset.shape[2:]
-    project = 2 * cout <= cin
-    rows, weights, _, _ = _sampling_plan(offset, mask, (h, w), kernel, stride, padding, dilation,
-                                         per_tap_rows=project)
-    n, taps = rows.shape[:2]
+    project = {2 * weight.shape[0] <= cin for weight in weights}
+    if len(project) > 1:  # siblings that disagree on the order: one plan each
+        taps = kernel[0] * kernel[1]
+        return [_deform_conv2d_inference(x, offset[:, 2 * taps * g:2 * taps * (g + 1)], mask[:, taps * g:taps * (g + 1)],
+                                         [weight], [bias], kernel, stride, padding, dilation)[0]
+                for g, (weight, bias) in enumerate(zip(weights, biases))]
+    (project,) = project
+    rows, plan_weights, _, _ = _sampling_plan(offset, mask, (h, w), kernel, stride, padding, dilation,
+                                              per_tap_rows=project, layers=len(weights))
+    n, taps = rows.shape[0], kernel[0] * kernel[1]
     table = _bordered_table(x)
-    w_taps = weight.permute(2, 3, 1, 0).reshape(taps, cin, cout)  # (K, Cin, Cout)
-    if project:
-        # (R, K*Cout) viewed as (R*K, Cout): table row r mixed by tap k sits at row r*K + k.
-        mixed = torch.mm(table, w_taps.transpose(0, 1).reshape(cin, taps * cout)).view(-1, cout)
-        out = F.embedding_bag(rows.view(n, 4 * taps), mixed, per_sample_weights=weights.view(n, 4 * taps),
-                              mode="sum")
-    else:
-        sampled = F.embedding_bag(rows.view(n * taps, 4), table, per_sample_weights=weights.view(n * taps, 4),
-                                  mode="sum")
-        out = torch.mm(sampled.view(n, taps * cin), w_taps.reshape(taps * cin, cout))
-    if bias is not None:
-        out += bias
-    out = out.view(b, ho, wo, cout).permute(0, 3, 1, 2)
-    return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+    if not project:
+        sampled = F.embedding_bag(rows.view(-1, 4), table, per_sample_weights=plan_weights.view(-1, 4),
+                                  mode="sum").view(n, len(weights), taps * cin)
+    outs = []
+    for g, (weight, bias) in enumerate(zip(weights, biases)):
+        cout = weight.shape[0]
+        w_taps = weight.permute(2, 3, 1, 0).reshape(taps, cin, cout)  # (K, Cin, Cout)
+        if project:
+            # (R, K*Cout) viewed as (R*K, Cout): table row r mixed by tap k sits at row r*K + k.
+            mixed = torch.mm(table, w_taps.transpose(0, 1).reshape(cin, taps * cout)).view(-1, cout)
+            own = slice(g * taps, (g + 1) * taps)
+            out = F.embedding_bag(rows[:, own].reshape(n, 4 * taps), mixed,
+                                  per_sample_weights=plan_weights[:, own].reshape(n, 4 * taps), mode="sum")
+            if bias is not None:
+                out += bias
+        elif bias is not None:
+            out = torch.addmm(bias, sampled[:, g], w_taps.reshape(taps * cin, cout))
+        else:
+            out = torch.mm(sampled[:, g], w_taps.reshape(taps * cin, cout))
+        out = out.view(b, ho, wo, cout).permute(0, 3, 1, 2)
+        outs.append(out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous())
+    return outs
 
 
 def _bordered_table(x: Tensor) -> Tensor:
@@ -559,15 +626,10 @@ class DeformableConv2d(nn.Module):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                coordinates: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    def forward(self, x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
         """x (B, Cin, H, W) -> (B, Cout, Ho, Wo). `weight` / `bias` replace the regular conv's
-        (a batch norm folded in by models/folding.py); `coordinates` = (offset, mask) computed
-        already (`shared_coordinates`)."""
-        if coordinates is None:
-            (offset, mask), = shared_coordinates([self], x)
-        else:
-            offset, mask = coordinates
+        (a batch norm folded in by models/folding.py)."""
+        offset, mask = shared_coordinates([self], x)
         if weight is None:
             weight, bias = self.regular_conv.weight, self.regular_conv.bias
         return deform_conv2d(x, offset, weight, bias, stride=self.stride, padding=self.padding, mask=mask,
@@ -577,24 +639,27 @@ class DeformableConv2d(nn.Module):
         return f"backend={self.backend!r}"
 
 
-def shared_coordinates(layers: Sequence[DeformableConv2d], x: Tensor) -> List[Tuple[Tensor, Tensor]]:
-    """(offset (B, 2K, Ho, Wo), mask = 2 sigmoid(modulator) (B, K, Ho, Wo)) of each layer, all
-    reading `x`: their offset and modulator convs run as one conv (weights concatenated on every
-    call, so training updates them as usual). For the two SSH layers that read the same map this
-    is one pass over it instead of four (on the CPU at 80x80, 52 channels: 2.5 vs 4.7 ms)."""
+def shared_coordinates(layers: Sequence[DeformableConv2d], x: Tensor) -> Tuple[Tensor, Tensor]:
+    """(offsets (B, 2KG, Ho, Wo), masks = 2 sigmoid(modulators) (B, KG, Ho, Wo)) of G layers of
+    one geometry that all read `x`, layer g's at channels 2Kg.. and Kg.. (`deform_conv2d_siblings`).
+
+    Their offset and modulator convs run as one conv (weights concatenated on every call, so
+    training updates them as usual). For the two SSH layers that read the same map this is one
+    pass over it instead of four (on the CPU at 80x80, 52 channels: 2.5 vs 4.7 ms)."""
     first = layers[0]
-    convs = [conv for layer in layers for conv in (layer.offset_conv, layer.modulator_conv)]
+    convs = [layer.offset_conv for layer in layers] + [layer.modulator_conv for layer in layers]
     if any(c.kernel_size != first.offset_conv.kernel_size or c.stride != first.offset_conv.stride
            or c.padding != first.offset_conv.padding for c in convs):
         raise ValueError("shared_coordinates needs deformable convs of one geometry")
-    if len(convs) == 2:
-        out = [conv(x) for conv in convs]
+    if len(layers) == 1:
+        offsets, modulators = first.offset_conv(x), first.modulator_conv(x)
     else:
         weight = torch.cat([c.weight for c in convs])
         bias = torch.cat([c.bias for c in convs])
         out = F.conv2d(x, weight, bias, first.offset_conv.stride, first.offset_conv.padding)
-        out = out.split([c.out_channels for c in convs], dim=1)
-    return [(out[i], 2.0 * torch.sigmoid(out[i + 1])) for i in range(0, len(out), 2)]
+        split = sum(layer.offset_conv.out_channels for layer in layers)
+        offsets, modulators = out[:, :split], out[:, split:]
+    return offsets, 2.0 * torch.sigmoid(modulators)
 
 
 __all__: List[str] = [
@@ -603,6 +668,7 @@ __all__: List[str] = [
     "deform_backend",
     "deform_conv2d",
     "deform_conv2d_fast",
+    "deform_conv2d_siblings",
     "get_deform_backend",
     "shared_coordinates",
 ]

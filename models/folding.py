@@ -60,34 +60,38 @@ def folds_at_call(bn: nn.Module, x: Tensor) -> bool:
             and bn.num_features * x.shape[-2] * x.shape[-1] >= FOLD_MIN_VALUES)
 
 
-def conv_bn_forward(conv: Union[nn.Conv2d, DeformableConv2d], bn: nn.Module, x: Tensor, **extra) -> Tensor:
-    """bn(conv(x)), as one conv call with folded weights when `folds_at_call(bn, x)`. `extra`
-    keywords go to a deformable conv (its precomputed `coordinates`)."""
+def folded_parameters(conv: Union[nn.Conv2d, DeformableConv2d], bn: nn.Module,
+                      x: Tensor) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+    """(weight, bias) of the one conv equal to bn(conv(x)) when `folds_at_call(bn, x)`, else None."""
     if not folds_at_call(bn, x):
-        return bn(conv(x, **extra))
+        return None
     if isinstance(conv, DeformableConv2d):
-        weight, bias = fold_bn(conv.regular_conv.weight, conv.regular_conv.bias, bn)
-        return conv(x, weight=weight, bias=bias, **extra)
-    weight, bias = fold_bn(conv.weight, conv.bias, bn)
-    return conv._conv_forward(x, weight, bias)
+        return fold_bn(conv.regular_conv.weight, conv.regular_conv.bias, bn)
+    return fold_bn(conv.weight, conv.bias, bn)
+
+
+def conv_bn_forward(conv: Union[nn.Conv2d, DeformableConv2d], bn: nn.Module, x: Tensor) -> Tensor:
+    """bn(conv(x)), as one conv call with folded weights when `folds_at_call(bn, x)`."""
+    folded = folded_parameters(conv, bn, x)
+    if folded is None:
+        return bn(conv(x))
+    if isinstance(conv, DeformableConv2d):
+        return conv(x, *folded)
+    return conv._conv_forward(x, *folded)
 
 
 class ConvBNSequential(nn.Sequential):
     """nn.Sequential (same children, same state-dict keys) that runs every (conv, BatchNorm2d)
-    pair of neighbours through `conv_bn_forward` (folded in eval mode, conv then BN otherwise).
+    pair of neighbours through `conv_bn_forward` (folded in eval mode, conv then BN otherwise)."""
 
-    forward(x, **first): `first` keywords go to the first layer (a deformable conv's precomputed
-    `coordinates`, models/context.py)."""
-
-    def forward(self, x: Tensor, **first) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         layers, i = list(self), 0
         while i < len(layers):
-            extra = first if i == 0 else {}
             following = layers[i + 1] if i + 1 < len(layers) else None
             if isinstance(layers[i], (nn.Conv2d, DeformableConv2d)) and type(following) is nn.BatchNorm2d:
-                x = conv_bn_forward(layers[i], following, x, **extra)
+                x = conv_bn_forward(layers[i], following, x)
                 i += 2
             else:
-                x = layers[i](x, **extra)
+                x = layers[i](x)
                 i += 1
         return x

@@ -112,6 +112,66 @@ def test_inference_path_matches_torchvision(b, cin, cout, h, w, stride, bias, ch
         torch.testing.assert_close(deform_conv2d_fast(x.requires_grad_(), offset, weight, b_, *conv, mask), ref, **TOL)
 
 
+@pytest.mark.parametrize(
+    "b,cin,couts,h,w,stride,bias,channels_last",
+    [
+        (1, 52, (26, 13), 9, 11, 1, True, True),  # V1 SSH's first pair: both mix first
+        (2, 13, (13, 13), 7, 6, 1, False, True),  # its second pair: both sample first, one bag call
+        (2, 12, (3, 8), 8, 7, 2, True, False),  # one of each: a plan per layer
+        (2, 6, (5, 6, 7), 9, 8, 1, False, False),  # three siblings
+    ],
+)
+def test_siblings_match_each_layer_through_torchvision(b, cin, couts, h, w, stride, bias, channels_last, monkeypatch):
+    """`deform_conv2d_siblings` without autograd: one sampling plan for layers reading the same
+    input; each output equals torchvision's for that layer alone."""
+    layers = [make_inputs(b, cin, cout, h, w, stride=stride, bias=bias, seed=i)[0] for i, cout in enumerate(couts)]
+    conv = (stride, 1, 1)
+    x = layers[0][0].detach()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    offsets = torch.cat([t[1].detach() for t in layers], 1)
+    offsets[:, :4, :2, :2] = 1e6  # samples far outside: zeros, as torchvision
+    masks = torch.cat([t[2].detach() for t in layers], 1)
+    weights = [t[3].detach() for t in layers]
+    biases = [t[4].detach() if bias else None for t in layers]
+    taps = 9
+    refs = [torchvision_fn(x, offsets[:, 2 * taps * g:2 * taps * (g + 1)], weights[g], biases[g], *conv,
+                           masks[:, taps * g:taps * (g + 1)]) for g in range(len(couts))]
+    plans = []
+    real_plan = dc._sampling_plan
+    monkeypatch.setattr(dc, "_sampling_plan", lambda *a, **k: plans.append(k["layers"]) or real_plan(*a, **k))
+    monkeypatch.setattr(dc._DeformConv2dFast, "apply", lambda *a: pytest.fail("the autograd path ran"))
+    outs = dc.deform_conv2d_siblings(x, offsets, masks, weights, biases, *conv)
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, **TOL)
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    mixed = len({2 * c <= cin for c in couts}) > 1
+    assert plans == ([1] * len(couts) if mixed else [len(couts)])
+
+
+def test_siblings_with_autograd_run_each_layer():
+    tensors = [make_inputs(2, 6, 4, 7, 5, seed=i)[0] for i in range(2)]
+    x = tensors[0][0]
+    offsets, masks = torch.cat([t[1] for t in tensors], 1), torch.cat([t[2] for t in tensors], 1)
+    outs = dc.deform_conv2d_siblings(x, offsets, masks, [t[3] for t in tensors], [None, None], 1, 1)
+    sum(o.sum() for o in outs).backward()
+    assert x.grad is not None and tensors[1][3].grad is not None
+    for g, out in enumerate(outs):
+        ref = torchvision_fn(x.detach(), offsets.detach()[:, 18 * g:18 * (g + 1)], tensors[g][3].detach(), None, 1, 1, 1,
+                             masks.detach()[:, 9 * g:9 * (g + 1)])
+        torch.testing.assert_close(out.detach(), ref, **TOL)
+
+
+def test_siblings_reject_mismatched_shapes():
+    x = torch.randn(1, 4, 6, 6)
+    with pytest.raises(ValueError, match="one shape"):
+        dc.deform_conv2d_siblings(x, torch.zeros(1, 36, 6, 6), torch.ones(1, 18, 6, 6),
+                                  [torch.randn(3, 4, 3, 3), torch.randn(3, 4, 1, 1)], [None, None], 1, 1)
+    with pytest.raises(ValueError, match="offset"):
+        dc.deform_conv2d_siblings(x, torch.zeros(1, 18, 6, 6), torch.ones(1, 18, 6, 6),
+                                  [torch.randn(3, 4, 3, 3)] * 2, [None, None], 1, 1)
+
+
 @pytest.mark.parametrize("cin,cout", [(8, 3), (3, 8)])
 @pytest.mark.parametrize("which", [0, 1, 2, 3, (0, 3), (1, 2)])
 def test_partial_grads_match_torchvision(cin, cout, which, taps_per_chunk):
@@ -377,3 +437,26 @@ def test_shared_coordinates_need_one_geometry():
 
     with pytest.raises(ValueError, match="one geometry"):
         shared_coordinates([DeformableConv2d(4, 4), DeformableConv2d(4, 4, padding=2)], torch.randn(1, 4, 8, 8))
+
+
+@pytest.mark.parametrize("size", [(11, 9), (64, 72)])  # BN kept / BN folded into the first pair
+def test_ssh_sibling_sampling_equals_each_branch_in_inference(size, monkeypatch):
+    """Eval mode without autograd: V1's SSH samples each pair of sibling branches with one plan
+    (`deform_branches`); same output as running every branch on its own."""
+    from models.context import SSH, _ThreeBranchContext
+    from models.folding import folds_at_call
+    from tests.conftest import randomise
+
+    torch.manual_seed(0)
+    ssh = randomise(SSH(52)).eval()
+    x = torch.randn(2, 52, *size).contiguous(memory_format=torch.channels_last)
+    assert folds_at_call(ssh.conv3x3[1], x) == (size == (64, 72))
+    plans = []
+    real_plan = dc._sampling_plan
+    monkeypatch.setattr(dc, "_sampling_plan", lambda *a, **k: plans.append(k.get("layers", 1)) or real_plan(*a, **k))
+    with torch.inference_mode():
+        joint = ssh(x)
+        assert plans == [2, 2, 1]
+        monkeypatch.setattr(SSH, "forward", _ThreeBranchContext.forward)
+        separate = ssh(x)
+    torch.testing.assert_close(joint, separate, rtol=1e-5, atol=1e-5)

@@ -40,7 +40,7 @@ from torch import nn
 
 from models.attention import CBAM, ChannelGate, SharedCBAM, SpatialGate
 from models.context import SSH, ChannelShuffle, SSHGrouped, channel_shuffle
-from models.deform_conv import DeformableConv2d, deform_conv2d
+from models.deform_conv import DeformableConv2d, deform_conv2d, deform_conv2d_siblings
 from models.featherface import FeatherFace
 from models.heads import LevelHeads
 from utils.deploy.fuse import fuse_batchnorm
@@ -223,27 +223,30 @@ class DeformableSampler(nn.Module):
 
 class CoordinateConv(nn.Module):
     """The offset and modulator convs of several deformable convs reading the same input, as one
-    conv; forward(x) -> [(offset, modulator) per layer]."""
+    conv. forward(x) -> its output: the layers' offsets, then their modulators (`sizes` channels
+    each, in that order: layer g's offsets at 2Kg.., its modulators at 2KG + Kg.., as
+    models/deform_conv.py's `shared_coordinates` and `deform_conv2d_siblings` have them)."""
 
     def __init__(self, layers: Sequence[DeformableConv2d], samplers: Sequence[DeformableSampler]) -> None:
         super().__init__()
-        weights, biases, self.sizes = [], [], []
+        offset_weights, offset_biases, modulator_weights, modulator_biases = [], [], [], []
         for dcn, sampler in zip(layers, samplers):
             offset_bias = dcn.offset_conv.bias.detach().double()
             if sampler.form == "projected":  # a 1x1 DeformConv: each tap's fixed displacement joins its offset
                 offset_bias = offset_bias + sampler.tap_displacement()
-            weights += [dcn.offset_conv.weight.detach(), dcn.modulator_conv.weight.detach()]
-            biases += [offset_bias.float(), dcn.modulator_conv.bias.detach()]
-            self.sizes += [dcn.offset_conv.out_channels, dcn.modulator_conv.out_channels]
+            offset_weights.append(dcn.offset_conv.weight.detach())
+            offset_biases.append(offset_bias.float())
+            modulator_weights.append(dcn.modulator_conv.weight.detach())
+            modulator_biases.append(dcn.modulator_conv.bias.detach())
+        self.sizes = [w.shape[0] for w in offset_weights + modulator_weights]
         first = layers[0].offset_conv
         self.conv = nn.Conv2d(first.in_channels, sum(self.sizes), first.kernel_size, first.stride, first.padding)
         with torch.no_grad():
-            self.conv.weight.copy_(torch.cat(weights))
-            self.conv.bias.copy_(torch.cat(biases))
+            self.conv.weight.copy_(torch.cat(offset_weights + modulator_weights))
+            self.conv.bias.copy_(torch.cat(offset_biases + modulator_biases))
 
-    def forward(self, x: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        parts = self.conv(x).split(self.sizes, dim=1)
-        return [(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
 
 
 def _deform_layer(branch: nn.Sequential) -> Tuple[DeformableConv2d, Optional[float]]:
@@ -275,16 +278,25 @@ class DeformableContext(nn.Module):
         return y if self.slopes[i] is None else F.leaky_relu(y, self.slopes[i])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.samplers
-        (off3, m3), (off5, m5) = self.coords_x(x)
-        branch3 = self._act(0, s[0](x, off3, m3))
-        mid = self._act(1, s[1](x, off5, m5))
-        (off5b, m5b), (off7, m7) = self.coords_mid(mid)
-        branch5 = self._act(2, s[2](mid, off5b, m5b))
-        mid7 = self._act(3, s[3](mid, off7, m7))
-        ((off7b, m7b),) = self.coords_7x7(mid7)
-        branch7 = self._act(4, s[4](mid7, off7b, m7b))
+        branch3, mid = self._siblings((0, 1), self.coords_x, x)
+        branch5, mid7 = self._siblings((2, 3), self.coords_mid, mid)
+        (branch7,) = self._siblings((4,), self.coords_7x7, mid7)
         return torch.relu(torch.cat([branch3, branch5, branch7], dim=1))
+
+    def _siblings(self, layers: Sequence[int], coords: CoordinateConv, x: torch.Tensor) -> List[torch.Tensor]:
+        """The layers `layers` (reading x) after their activations."""
+        samplers = [self.samplers[i] for i in layers]
+        out = coords(x)
+        if len(layers) > 1 and all(s.form == "torch" for s in samplers):
+            # One sampling plan for the siblings (models/deform_conv.py).
+            split = sum(coords.sizes[:len(layers)])
+            outs = deform_conv2d_siblings(x, out[:, :split], torch.sigmoid(out[:, split:]),
+                                          [s.weight for s in samplers], [s.bias for s in samplers],
+                                          padding=samplers[0].padding)
+        else:
+            parts = out.split(coords.sizes, dim=1)  # offsets of each layer, then modulators
+            outs = [s(x, parts[g], parts[len(layers) + g]) for g, s in enumerate(samplers)]
+        return [self._act(i, y) for i, y in zip(layers, outs)]
 
 
 class PlainContext(nn.Module):
