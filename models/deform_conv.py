@@ -31,6 +31,10 @@ _forced_backend: Optional[str] = None
 _GATHER_COST = 16
 # Elements of gathered corner values per chunk of taps (2 MiB in float32): small enough for L2.
 _CHUNK_ELEMENTS = 2**19
+# Zero rows/columns on each side of the sampled table: a sample's upper-left corner is clamped into
+# [0, H + BORDER] and its neighbours are one further, so a sample outside the image (above, below,
+# left or right) finds zeros at both of its rows (columns).
+BORDER = 2
 
 
 def _pair(v: IntPair, name: str) -> Tuple[int, int]:
@@ -274,27 +278,28 @@ def _sampling_plan(
     wy1 = fy * m
     wy0, wx0 = m - wy1, 1 - fx  # (1 - fy) * m, 1 - fx
     weights = torch.stack([wy0 * wx0, wy0 * fx, wy1 * wx0, wy1 * fx], -1)
-    # Corner coordinates in the table, which has a one-pixel zero border: clamping to [0, H+1]
-    # (or [0, W+1]) lands a corner outside the image on a zero, torchvision's per-corner validity
-    # rule without masks. Clamping in float before the integer conversion keeps huge offsets from
-    # overflowing. NaN offsets give NaN outputs through the weights (caught as a non-finite loss)
-    # and a valid row here.
-    wp = w + 2
-    y0, x0 = (low.add_(1).nan_to_num_(0.0) for low in (low_y, low_x))
-    y1, x1 = (y0 + 1).clamp_(0, h + 1), (x0 + 1).clamp_(0, w + 1)
-    y0, x0 = y0.clamp_(0, h + 1), x0.clamp_(0, w + 1)
+    # Corner coordinates in the table (`_bordered_table`: a BORDER-pixel zero border on every side).
+    # The upper-left corner is clamped to [0, H + BORDER] (table rows) and its neighbours are one
+    # further, so a sample outside the image lands on zeros only (torchvision's per-corner validity
+    # rule without masks) and one straddling an edge keeps its inside corners. Clamping in float
+    # before the integer conversion keeps huge offsets from overflowing. NaN offsets give NaN
+    # outputs through the weights (caught as a non-finite loss) and a valid row here.
+    hp, wp = h + 2 * BORDER, w + 2 * BORDER
+    y0 = low_y.add_(BORDER).nan_to_num_(0.0).clamp_(0, h + BORDER)
+    x0 = low_x.add_(BORDER).nan_to_num_(0.0).clamp_(0, w + BORDER)
     # int32 rows where they fit, also multiplied by K (the project-first path's rows): x86 CPUs
     # without AVX-512 convert float to int32, not int64, in vector code.
-    index_dt = torch.int32 if b * (h + 2) * wp * layer_taps < 2**31 else torch.int64
-    y0, x0, y1, x1 = (c.to(index_dt) for c in (y0, x0, y1, x1))
+    index_dt = torch.int32 if b * hp * wp * layer_taps < 2**31 else torch.int64
+    y0, x0 = y0.to(index_dt), x0.to(index_dt)
     row_size = layer_taps if per_tap_rows else 1  # index units per table row
     if per_tap_rows:  # (y * Wp + x) * K + k, k counted within each layer
         tap = torch.arange(layer_taps, device=dev, dtype=index_dt).repeat(layers)
-        x0, x1 = torch.add(tap, x0, alpha=layer_taps), torch.add(tap, x1, alpha=layer_taps)
-    y0, y1 = y0 * (wp * row_size), y1 * (wp * row_size)
-    rows = torch.stack([y0 + x0, y0 + x1, y1 + x0, y1 + x1], -1)
+        x0 = torch.add(tap, x0, alpha=layer_taps)
+    top_left = torch.add(x0, y0, alpha=wp * row_size)
+    right, down = row_size, wp * row_size
+    rows = torch.stack([top_left, top_left + right, top_left + down, top_left + (down + right)], -1)
     if b > 1:
-        rows += torch.arange(b, device=dev, dtype=index_dt).view(b, 1, 1, 1, 1) * ((h + 2) * wp * row_size)
+        rows += torch.arange(b, device=dev, dtype=index_dt).view(b, 1, 1, 1, 1) * (hp * wp * row_size)
     n = b * ho * wo
     return rows.reshape(n, taps, 4), weights.reshape(n, taps, 4), fy.reshape(n, taps), fx.reshape(n, taps)
 
@@ -361,10 +366,10 @@ def _deform_conv2d_inference(
 
 
 def _bordered_table(x: Tensor) -> Tensor:
-    """(B*(H+2)*(W+2), C) channels-last copy of x with a one-pixel zero border."""
+    """(B*(H+2*BORDER)*(W+2*BORDER), C) channels-last copy of x with a zero border."""
     b, c, h, w = x.shape
-    table = x.new_zeros(b, h + 2, w + 2, c)
-    table[:, 1:-1, 1:-1] = x.permute(0, 2, 3, 1)
+    table = x.new_zeros(b, h + 2 * BORDER, w + 2 * BORDER, c)
+    table[:, BORDER:-BORDER, BORDER:-BORDER] = x.permute(0, 2, 3, 1)
     return table.view(-1, c)
 
 
@@ -569,7 +574,8 @@ class _DeformConv2dFast(torch.autograd.Function):
 
         g_x = g_offset = g_mask = g_weight = g_bias = None
         if need_x:
-            g_x = g_table.view(b, h + 2, w + 2, cin)[:, 1:-1, 1:-1].permute(0, 3, 1, 2)
+            g_x = g_table.view(b, h + 2 * BORDER, w + 2 * BORDER, cin)[:, BORDER:-BORDER, BORDER:-BORDER]
+            g_x = g_x.permute(0, 3, 1, 2)
             g_x = g_x.contiguous()
         if need_coord:
             m = mask.transpose(0, 1).reshape(taps, n)

@@ -405,7 +405,7 @@ def test_sampling_rows_widen_to_int64_only_for_huge_maps():
     huge = _sampling_plan(offset, mask, (20000, 20000), *geometry)[0]
     assert small.dtype == torch.int32 and huge.dtype == torch.int64
     # Far below-right samples land on the last (zero) border row of the table.
-    assert small.max() == 42 * 32 - 1 and huge.max() == 20002 * 20002 - 1
+    assert small.max() == 44 * 34 - 1 and huge.max() == 20004 * 20004 - 1  # a 2-pixel zero border
 
 
 @pytest.mark.parametrize("train", [True, False])
