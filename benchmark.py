@@ -124,8 +124,8 @@ def main(args: argparse.Namespace) -> List[Dict]:
             onnx_paths = {b: export_onnx(model, Path(tmp) / f"model{index}_{b}.onnx", rewrite=b == "onnx")
                           for b in ("onnx", "onnx_plain") if b in args.backends}
             flops = {s: count_flops(model, torch.zeros(1, 3, s, s)) for s in args.sizes}
+            keep = not args.system_malloc
             for (s, batch, threads), backend in itertools.product(combos, args.backends):
-                keep = not args.system_malloc
                 makers = {"torch": lambda m=model: TorchBackend(m, fuse=True, keep_memory=keep),
                           "eager": lambda m=model: TorchBackend(m, fuse=False, channels_last=False, keep_memory=keep),
                           "onnx": lambda p=onnx_paths.get("onnx"), t=threads: OnnxBackend(p, threads=t),

@@ -145,9 +145,9 @@ def deform_conv2d_siblings(
         geometry = _fast_geometry(input, offset[:, :2 * taps], weights[0], biases[0], stride, padding, dilation,
                                   mask[:, :taps])  # the checks of one layer hold for all (same shapes)
         return _deform_conv2d_inference(input, offset, mask, list(weights), list(biases), *geometry)
-    return [deform_conv2d(input, offset[:, 2 * taps * g:2 * taps * (g + 1)], weight, bias, stride, padding, dilation,
-                          mask[:, taps * g:taps * (g + 1)], backend)
-            for g, (weight, bias) in enumerate(zip(weights, biases))]
+    layers = zip(offset.split(2 * taps, 1), mask.split(taps, 1), weights, biases)
+    return [deform_conv2d(input, layer_offset, weight, bias, stride, padding, dilation, layer_mask, backend)
+            for layer_offset, layer_mask, weight, bias in layers]
 
 
 def deform_conv2d_fast(
@@ -333,9 +333,10 @@ def _deform_conv2d_inference(
     project = {2 * weight.shape[0] <= cin for weight in weights}
     if len(project) > 1:  # siblings that disagree on the order: one plan each
         taps = kernel[0] * kernel[1]
-        return [_deform_conv2d_inference(x, offset[:, 2 * taps * g:2 * taps * (g + 1)], mask[:, taps * g:taps * (g + 1)],
-                                         [weight], [bias], kernel, stride, padding, dilation)[0]
-                for g, (weight, bias) in enumerate(zip(weights, biases))]
+        layers = zip(offset.split(2 * taps, 1), mask.split(taps, 1), weights, biases)
+        return [_deform_conv2d_inference(x, layer_offset, layer_mask, [weight], [bias], kernel, stride, padding,
+                                         dilation)[0]
+                for layer_offset, layer_mask, weight, bias in layers]
     (project,) = project
     rows, plan_weights, _, _ = _sampling_plan(offset, mask, (h, w), kernel, stride, padding, dilation,
                                               per_tap_rows=project, layers=len(weights))

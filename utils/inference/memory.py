@@ -5,14 +5,15 @@ end of a forward pass is partly handed back to the kernel (heap trimming, and mm
 blocks), so the next pass touches fresh pages and the kernel zero-fills each one on its first
 write. Measured on the 2-core CPU (2 threads): `build_model("v1").eval()` took about 3,500-7,000
 page faults per 640x640 call (15-23 ms of kernel time per call) and 24,000 at 1280x1280; with
-the settings below, under 150. ONNX Runtime allocates from its own arena and takes none.
+the settings below, 0-320 (either size). ONNX Runtime allocates from its own arena and takes none.
 
 `keep_freed_memory()` raises glibc's trim threshold (freed memory at the top of the heap is
 kept up to `trim_threshold_mb`) and fixes the mmap threshold (blocks up to `mmap_threshold_mb`
 come from the heap, where freed memory is reused; glibc's own adaptive threshold stops at the
-same 32 MiB). It changes the whole process, once; FaceDetector's PyTorch backend and the
-scripts call it. Elsewhere (macOS, Windows, musl, or a process whose MALLOC_* environment
-variables already chose these settings) it does nothing and returns False.
+same 32 MiB). It changes the whole process, once; FaceDetector's PyTorch backend calls it on
+the CPU (and so detect.py, test_widerface.py and benchmark.py). Elsewhere (macOS, Windows,
+musl, or a process whose MALLOC_* environment variables already chose these settings) it does
+nothing and returns False.
 """
 from __future__ import annotations
 
