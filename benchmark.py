@@ -8,9 +8,10 @@ of the network call (the exact call FaceDetector makes; preprocessing, decode an
 over --runs timed calls after --warmup untimed ones, throughput (images / total timed time),
 FLOPs and the peak resident-memory rise (see utils/timing.py for what each one counts).
 Backends: torch (FaceDetector's PyTorch path: the deployment form of utils/deploy/rewrites.py,
-channels-last on CPU), eager (the model as built, `build_model(name).eval()` under
-inference_mode), onnx (the exported
-graph in ONNX Runtime's CPU provider), onnx_plain (the graph traced from the model as built).
+channels-last on CPU), compiled (that path through torch.compile, as FaceDetector(compile=True) and
+detect.py --compile run it; it compiles in an untimed set-up call), eager (the model as built,
+`build_model(name).eval()` under inference_mode), onnx (the exported graph in ONNX Runtime's CPU
+provider), onnx_plain (the graph traced from the model as built).
 Random-init models unless --weights; ONNX files are exported to a temporary folder. The PyTorch
 backends keep freed memory in the process, as FaceDetector does (utils/inference/memory.py);
 --system_malloc leaves glibc's defaults.
@@ -25,6 +26,7 @@ machine whose speed drifts (a shared host) still gives comparable figures.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -43,7 +45,7 @@ from utils.inference.memory import freed_memory_kept
 from utils.errors import FeatherFaceError, run_cli
 from utils.timing import BenchConfig, count_flops, machine_info, markdown_table, measure_configs, ratio_summary
 
-BACKENDS = ("torch", "eager", "onnx", "onnx_plain")
+BACKENDS = ("torch", "compiled", "eager", "onnx", "onnx_plain")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -126,7 +128,12 @@ def main(args: argparse.Namespace) -> List[Dict]:
             flops = {s: count_flops(model, torch.zeros(1, 3, s, s)) for s in args.sizes}
             keep = not args.system_malloc
             for (s, batch, threads), backend in itertools.product(combos, args.backends):
+                # One compiled backend per configuration, built on first use: the set-up call compiles
+                # (at this configuration's thread count) and the memory and timed calls reuse it.
+                compiled = functools.lru_cache(maxsize=None)(
+                    lambda m=model: TorchBackend(m, fuse=True, keep_memory=keep, compile=True))
                 makers = {"torch": lambda m=model: TorchBackend(m, fuse=True, keep_memory=keep),
+                          "compiled": compiled,
                           "eager": lambda m=model: TorchBackend(m, fuse=False, channels_last=False, keep_memory=keep),
                           "onnx": lambda p=onnx_paths.get("onnx"), t=threads: OnnxBackend(p, threads=t),
                           "onnx_plain": lambda p=onnx_paths.get("onnx_plain"), t=threads: OnnxBackend(p, threads=t)}

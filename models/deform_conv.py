@@ -2,7 +2,7 @@
 
 `DeformableConv2d` keeps the official FeatherFace checkpoint keys (`offset_conv`,
 `modulator_conv`, `regular_conv`). Its forward dispatches between
-`torchvision.ops.deform_conv2d` (CUDA, other dtypes, export/compile tracing) and
+`torchvision.ops.deform_conv2d` (CUDA, other dtypes, export tracing, compiled training) and
 `deform_conv2d_fast`, a pure-PyTorch CPU implementation with a hand-written backward that
 reproduces torchvision's sampling rules (docs/ARCHITECTURE.md §2.4) several times faster.
 """
@@ -68,20 +68,24 @@ def deform_backend(name: str) -> Iterator[None]:
         _forced_backend = previous
 
 
-def _is_tracing() -> bool:
-    # Exporters and compilers must see torchvision's registered op: the dynamo ONNX exporter
-    # maps it to the standard DeformConv node, while the fast path would be traced into
-    # data-dependent gathers (or fail on fake tensors).
+def _is_exporting() -> bool:
+    # Exporters must see torchvision's registered op: the dynamo ONNX exporter maps it to the
+    # standard DeformConv node, while the fast path would be traced into gathers.
     return (
         torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
         or torch.jit.is_tracing()
         or torch.jit.is_scripting()
     )
 
 
 def _uses_fast(backend: str, x: Tensor) -> bool:
-    if _is_tracing() or backend == "torchvision":
+    if _is_exporting() or backend == "torchvision":
+        return False
+    if torch.compiler.is_compiling() and torch.is_grad_enabled():
+        # Compiled training keeps torchvision's op and its registered backward; compiled
+        # inference (FaceDetector(compile=True)) traces the no-grad fast path into plain
+        # tensor ops, which inductor fuses.
         return False
     return backend == "fast" or (x.device.type == "cpu" and x.is_floating_point())
 
@@ -269,7 +273,9 @@ def _sampling_plan(
     layer_taps = kernel[0] * kernel[1]
     taps, dt, dev = layer_taps * layers, offset.dtype, offset.device
     off = offset.permute(0, 2, 3, 1).reshape(b, ho, wo, taps, 2)  # a view for channels-last offsets
-    grid_y, grid_x = _tap_positions((ho, wo), kernel, stride, padding, dilation, dt, dev, layers)
+    # Under torch.compile the grid is traced (and constant-folded) instead of read from the cache.
+    positions = _tap_positions.__wrapped__ if torch.compiler.is_compiling() else _tap_positions
+    grid_y, grid_x = positions((ho, wo), kernel, stride, padding, dilation, dt, dev, layers)
     # Same arithmetic as torchvision: integer grid position (as float) plus the learned offset.
     pos_y, pos_x = off[..., 0] + grid_y, off[..., 1] + grid_x  # (B, Ho, Wo, K)
     low_y, low_x = pos_y.floor(), pos_x.floor()
