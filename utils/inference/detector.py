@@ -73,7 +73,7 @@ class TorchBackend:
     `compile`: run the model through `torch.compile` (inductor), which fuses the many small
     tensor ops of the deformable convs' sampling plans, CBAM and the BiFPN. It pays where many
     inputs share one size (a video, a camera, same-size photos): each new input size compiles
-    again (about 15-65 s on the 2-core CPU here; inductor caches the result on disk). On the CPU
+    again (22-65 s on the 2-core CPU here; 14 s for v1 from inductor's disk cache). On the CPU
     it needs a C++ compiler. (Inductor's `freezing` option is not used: it changed the trained
     published model's scores by up to 0.16.)
     """
