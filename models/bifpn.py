@@ -91,7 +91,7 @@ def same_max_pool_op(x: torch.Tensor) -> torch.Tensor:
     """`same_max_pool` as one opaque op for the ONNX exporter. torch.export cannot prove that
     the parity padding's output size equals ceil(n/2) (it must, to add the pooled map to the
     next level), so the exporter sees this op with that size declared, and
-    utils/deploy/export.py translates it to Shape -> Mod -> Pad -> MaxPool."""
+    utils/deploy/export.py translates it to a SAME_UPPER MaxPool raised to a zero border."""
     return same_max_pool(x)
 
 
@@ -107,8 +107,8 @@ class SameMaxPool(nn.Module):
     TF-"same" pads (0 before, 1 after) an even side and (1, 1) an odd one, so the last
     window is always centred on the last row/column. In eager mode that padding is applied
     directly (`same_max_pool`); in an ONNX export the op is opaque (`same_max_pool_op`) and
-    becomes a Pad whose amounts are computed from the input shape in the graph, so batch, H
-    and W stay dynamic. Output (B, C, ceil(H/2), ceil(W/2)).
+    becomes a SAME_UPPER MaxPool whose windows that reach the padding are raised to zero
+    (utils/deploy/export.py), so batch, H and W stay dynamic. Output (B, C, ceil(H/2), ceil(W/2)).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

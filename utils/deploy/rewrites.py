@@ -23,10 +23,10 @@ ONNX-only rewrites, chosen by measuring ONNX Runtime's CPU provider (README, Spe
   is about 9x slower there; a Split + Max tree for the channel max measured no faster than ReduceMax);
 - V2's grouped 3x3/1x1 convs become dense convs with zero blocks: ORT's blocked-layout (NCHWc)
   kernels accept them, so the SSH, shuffle and heads run without layout reorders;
-- deformable convs whose output is narrower than their input are "projected": a 1x1 conv gives
-  each tap's contribution (tap-major, K x Cout channels) and a 1x1 DeformConv with one offset
-  group per tap samples only those, K*Cout instead of K*Cin values per pixel (the tap's fixed
-  displacement goes into the offset bias). `deform="gridsample"` builds every deformable conv
+- deformable convs whose output is narrower than their input are "projected": a 1x1 projection
+  (a MatMul in the graph) gives each tap's contribution (tap-major, K x Cout channels) and a 1x1
+  DeformConv with one offset group per tap samples only those, K*Cout instead of K*Cin values per
+  pixel (the tap's fixed displacement goes into the offset bias). `deform="gridsample"` builds every deformable conv
   from standard ops only (Conv, GridSample, Mul, ReduceSum) for runtimes without DeformConv.
 """
 from __future__ import annotations
@@ -206,10 +206,15 @@ class DeformableSampler(nn.Module):
             return deform_conv2d(x, offset, self.weight, self.bias, padding=self.padding, mask=mask)
         if self.form == "deformconv":
             return torchvision.ops.deform_conv2d(x, offset, self.weight, self.bias, padding=self.padding, mask=mask)
-        taps = F.conv2d(x, self.tap_weight)  # (B, K * Cout, H, W)
-        if self.form == "projected":
-            return torchvision.ops.deform_conv2d(taps, offset, self.weight, self.bias, mask=mask)
         b, _, h, w = x.shape
+        if self.form == "projected":
+            # (B, K * Cout, H, W) as a MatMul, not a 1x1 Conv: ONNX Runtime would run the conv in its
+            # blocked layout and then reorder its widest output (234 channels) back for DeformConv.
+            # bmm of the expanded weight: torch.matmul would pin the exported batch to the example's 1.
+            weight = self.tap_weight.flatten(1).expand(b, -1, -1)
+            taps = torch.bmm(weight, x.flatten(2)).unflatten(2, (h, w))
+            return torchvision.ops.deform_conv2d(taps, offset, self.weight, self.bias, mask=mask)
+        taps = F.conv2d(x, self.tap_weight)  # (B, K * Cout, H, W)
         rows = torch.arange(h, dtype=x.dtype, device=x.device).view(1, 1, h, 1) * 2
         cols = torch.arange(w, dtype=x.dtype, device=x.device).view(1, 1, 1, w) * 2
         grid_y = (2 * offset[:, 0::2] + (rows + self.tap_rows)) / h - 1  # (B, K, H, W)
