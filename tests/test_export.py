@@ -283,13 +283,32 @@ def test_int8_quantization_keeps_metadata_and_detections_close(v2, tmp_path):
     assert drift.reference > 10 and drift.candidate > 0 and drift.matched > 0
 
 
-def test_int8_leaves_deformconv_in_float(v1, tmp_path):
+def test_int8_leaves_deformconv_and_the_pool_border_in_float(v1, tmp_path):
     model, raw = v1
     report = quantize_int8(raw, tmp_path / "v1_int8.onnx", [GROUP], image_size=128)
-    assert report.float_ops == {"DeformConv": 15}  # the BNs after them are folded into their bias
+    # The BNs after the DeformConvs are folded into their bias; each of the 6 same-padding pools keeps
+    # its -inf border plane (Pad -> MaxPool -> Max) in float: -inf has no INT8 range.
+    assert report.float_ops == {"DeformConv": 15, "Pad": 6, "MaxPool": 6, "Max": 6}
     x = fixed_size_input(cv2.imread(str(GROUP)), 128)
-    scores = ort_session(report.path).run(["classifications"], {"input": x})[0]
-    assert scores.shape == (1, 2 * (16 * 16 + 8 * 8 + 4 * 4), 2) and np.isfinite(scores).all()
+    names = ["bbox_regressions", "classifications"]
+    fp32 = ort_session(raw).run(names, {"input": x})
+    int8 = ort_session(report.path).run(names, {"input": x})
+    assert int8[1].shape == (1, 2 * (16 * 16 + 8 * 8 + 4 * 4), 2) and np.isfinite(int8[1]).all()
+    for a, b in zip(fp32, int8):  # quantization noise, not a broken branch
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.8
+
+
+def test_int8_with_a_non_finite_range_is_refused_and_leaves_no_file(v1, tmp_path, monkeypatch):
+    """Quantizing the -inf border planes too gives NaN scales: one clear error, no INT8 file."""
+    from utils.deploy import quantize
+
+    _, raw = v1
+    monkeypatch.setattr(quantize, "_float_nodes",
+                        lambda path: [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "DeformConv"])
+    out = tmp_path / "v1_int8.onnx"
+    with pytest.raises(ExportError, match="non-finite scales"):
+        quantize_int8(raw, out, [GROUP], image_size=128)
+    assert not out.exists()
 
 
 def test_opset_below_19_is_refused_for_deformable_models():

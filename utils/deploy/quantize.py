@@ -103,6 +103,11 @@ def quantize_int8(fp32_path: PathLike, out_path: PathLike, calibration_images: S
         raise ExportError(f"INT8 quantization of {fp32_path} failed: {type(exc).__name__}: {exc}") from exc
     finally:
         prepared.unlink(missing_ok=True)
+    bad = _non_finite_scales(out_path)
+    if bad:
+        out_path.unlink(missing_ok=True)
+        raise ExportError(f"INT8 quantization of {fp32_path} gave non-finite scales for {len(bad)} tensors "
+                          f"(first: {', '.join(bad[:3])}): their calibrated range is not finite")
     set_metadata(out_path, read_metadata(fp32_path))
     float_ops = {}
     for op in _float_node_types(out_path):
@@ -112,17 +117,46 @@ def quantize_int8(fp32_path: PathLike, out_path: PathLike, calibration_images: S
 
 
 def _float_candidates(path: Path) -> List:
-    """DeformConv nodes and the BatchNormalization nodes that read a DeformConv output."""
+    """Nodes left in float32: DeformConv, the BatchNormalization nodes that read a DeformConv output,
+    and the border plane of V1's same-padding max-pool (ConstantOfShape(-inf) -> Pad -> MaxPool ->
+    Max, utils/deploy/export.py): its -inf values have no INT8 range, and quantizing them would turn
+    the pooled maps into NaN."""
     import onnx
 
     nodes = onnx.load(str(path)).graph.node
+    producer = {out: n for n in nodes for out in n.output}
+
+    def made_by(name: str, op_type: str):
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
     deform_outputs = {n.output[0] for n in nodes if n.op_type == "DeformConv"}
-    return [n for n in nodes if n.op_type == "DeformConv"
-            or (n.op_type == "BatchNormalization" and n.input[0] in deform_outputs)]
+    chosen = [n for n in nodes if n.op_type == "DeformConv"
+              or (n.op_type == "BatchNormalization" and n.input[0] in deform_outputs)]
+    for node in nodes:
+        if node.op_type != "Max":
+            continue
+        for name in node.input:
+            pool = made_by(name, "MaxPool")
+            pad = made_by(pool.input[0], "Pad") if pool is not None else None
+            if pad is not None and made_by(pad.input[0], "ConstantOfShape") is not None:
+                chosen += [pad, pool, node]
+    return chosen
 
 
 def _float_nodes(path: Path) -> List[str]:
     return [n.name for n in _float_candidates(path)]
+
+
+def _non_finite_scales(path: Path) -> List[str]:
+    """Names of the quantization scales and zero points in `path` that are NaN or infinite."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    params = {name for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for name in n.input[1:]}
+    return [t.name for t in graph.initializer
+            if t.name in params and not np.isfinite(numpy_helper.to_array(t).astype(np.float64)).all()]
 
 
 def _float_node_types(path: Path) -> List[str]:
