@@ -26,8 +26,9 @@ ONNX-only rewrites, chosen by measuring ONNX Runtime's CPU provider (README, Spe
 - deformable convs whose output is narrower than their input are "projected": a 1x1 projection
   (a MatMul in the graph) gives each tap's contribution (tap-major, K x Cout channels) and a 1x1
   DeformConv with one offset group per tap samples only those, K*Cout instead of K*Cin values per
-  pixel (the tap's fixed displacement goes into the offset bias). `deform="gridsample"` builds every deformable conv
-  from standard ops only (Conv, GridSample, Mul, ReduceSum) for runtimes without DeformConv.
+  pixel (the tap's fixed displacement goes into the offset bias). `deform="gridsample"` builds every
+  deformable conv from standard ops only (Conv, GridSample, Mul, ReduceSum) for runtimes without
+  DeformConv.
 """
 from __future__ import annotations
 
