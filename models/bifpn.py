@@ -52,26 +52,70 @@ def fuse(weights: torch.Tensor, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 class FusionWeights(nn.Module):
-    """Base of the BiFPN cells: their learnt fusion weights (p4_w1, p3_w1, p4_w2, p5_w2), applied
-    by `fuse_named`. `freeze_fusion_weights()` replaces them at run time by their normalised values
-    as Python constants (exact; used by the deployment form, utils/deploy/rewrites.py), so a traced
-    graph holds plain constants instead of recomputing relu / sum / divide on every call."""
+    """Base of the BiFPN cells: their learnt fusion weights (p4_w1, p3_w1, p4_w2, p5_w2) and the
+    fusion nodes that use them, `fused(name, ...)` = conv(silu(sum_i w_i x_i)) with the conv named
+    in FUSION_CONVS. Two deployment forms, both exact in real arithmetic (utils/deploy/rewrites.py):
+
+    - `freeze_fusion_weights()` replaces the weights at run time by their normalised values as
+      Python constants, so a traced graph holds constants instead of recomputing relu / sum /
+      divide on every call;
+    - `fold_fusion_weights()` also divides each node's weights by its first one, w0 (the weight of
+      the node's own-level map), and moves w0 into the node's conv: silu(w0 z) = w0 z sigmoid(w0 z)
+      and that conv starts with a conv layer, which absorbs the w0 into its weight. The node then
+      computes z = a + (w1 / w0) b + ..., with the multiply of an up-sampled input applied before
+      the nearest up-sampling (they commute), and conv(z * sigmoid(w0 z)): one multiply of the
+      largest map fewer per node, and ONNX Runtime fuses z * sigmoid(w0 z) into one kernel. A node
+      whose w0 is 0 (its raw weight clipped by the ReLU) keeps the frozen form. The convs' weights
+      change, so a folded cell is for inference only.
+    """
 
     FUSION_NAMES = ("p4_w1", "p3_w1", "p4_w2", "p5_w2")
+    FUSION_CONVS = {"p4_w1": "conv4_up", "p3_w1": "conv3_up", "p4_w2": "conv4_down", "p5_w2": "conv5_down"}
 
     def __init__(self) -> None:
         super().__init__()
         self.frozen_fusion: dict | None = None
+        self.folded_fusion = False
 
     def fuse_named(self, name: str, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.frozen_fusion is not None:
             return weighted_sum(self.frozen_fusion[name], inputs)
         return fuse(getattr(self, name), inputs)
 
+    def fused(self, name: str, own: torch.Tensor, upsampled: torch.Tensor | None = None,
+              others: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """The fusion node `name`: its conv applied to silu of the weighted sum of `own` (the map of
+        the node's level), `upsampled` (a coarser map, brought to own's size) and `others` (at
+        own's size), weighted in that order."""
+        conv = getattr(self, self.FUSION_CONVS[name])
+        if self.folded_fusion and self.frozen_fusion[name][0] > 0:
+            w0, *rest = self.frozen_fusion[name]
+            ratios = iter(w / w0 for w in rest)
+            z = own
+            if upsampled is not None:
+                z = z + upsample_to(upsampled * next(ratios), own)
+            for x in others:
+                z = z + x * next(ratios)
+            return conv(z * torch.sigmoid(z * w0))
+        inputs = [own] + ([upsample_to(upsampled, own)] if upsampled is not None else []) + list(others)
+        return conv(F.silu(self.fuse_named(name, inputs)))
+
     def freeze_fusion_weights(self) -> None:
         with torch.no_grad():
             self.frozen_fusion = {name: [float(v) for v in normalised_fusion_weights(getattr(self, name).double())]
                                   for name in self.FUSION_NAMES}
+
+    def fold_fusion_weights(self) -> None:
+        if self.folded_fusion:
+            return
+        self.freeze_fusion_weights()
+        with torch.no_grad():
+            for name, conv_name in self.FUSION_CONVS.items():
+                w0 = self.frozen_fusion[name][0]
+                if w0 > 0:
+                    first = next(m for m in getattr(self, conv_name).modules() if isinstance(m, nn.Conv2d))
+                    first.weight.mul_(w0)
+        self.folded_fusion = True
 
 
 def upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -165,12 +209,12 @@ class BiFPNCell(FusionWeights):
             p3_in, p4_in, p5_in = self.p3_down_channel(c3), self.p4_down_channel(c4), self.p5_down_channel(c5)
         else:
             p3_in, p4_in, p5_in = feats
-        p4_td = self.conv4_up(F.silu(self.fuse_named("p4_w1", [p4_in, upsample_to(p5_in, p4_in)])))
-        p3_out = self.conv3_up(F.silu(self.fuse_named("p3_w1", [p3_in, upsample_to(p4_td, p3_in)])))
+        p4_td = self.fused("p4_w1", p4_in, upsampled=p5_in)
+        p3_out = self.fused("p3_w1", p3_in, upsampled=p4_td)
         if self.first:
             p4_in, p5_in = self.p4_down_channel_2(c4), self.p5_down_channel_2(c5)
-        p4_out = self.conv4_down(F.silu(self.fuse_named("p4_w2", [p4_in, p4_td, self.downsample(p3_out)])))
-        p5_out = self.conv5_down(F.silu(self.fuse_named("p5_w2", [p5_in, self.downsample(p4_out)])))
+        p4_out = self.fused("p4_w2", p4_in, others=[p4_td, self.downsample(p3_out)])
+        p5_out = self.fused("p5_w2", p5_in, others=[self.downsample(p4_out)])
         return p3_out, p4_out, p5_out
 
 
@@ -220,12 +264,10 @@ class BiFPNLightCell(FusionWeights):
         if self.projections is not None:
             feats = [proj(f) for proj, f in zip(self.projections, feats)]
         p3_in, p4_in, p5_in = feats
-        p4_td = self.conv4_up(F.silu(self.fuse_named("p4_w1", [p4_in, upsample_to(p5_in, p4_in)])))
-        p3_out = self.conv3_up(F.silu(self.fuse_named("p3_w1", [p3_in, upsample_to(p4_td, p3_in)])))
-        p4_out = self.conv4_down(F.silu(self.fuse_named("p4_w2", [p4_in, p4_td, self.downsample(p3_out)])))
-        p5_out = self.conv5_down(
-            F.silu(self.fuse_named("p5_w2", [p5_in, self.downsample(p4_out), self.downsample(p4_td)]))
-        )
+        p4_td = self.fused("p4_w1", p4_in, upsampled=p5_in)
+        p3_out = self.fused("p3_w1", p3_in, upsampled=p4_td)
+        p4_out = self.fused("p4_w2", p4_in, others=[p4_td, self.downsample(p3_out)])
+        p5_out = self.fused("p5_w2", p5_in, others=[self.downsample(p4_out), self.downsample(p4_td)])
         return p3_out, p4_out, p5_out
 
 

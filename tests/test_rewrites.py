@@ -154,3 +154,35 @@ def test_frozen_fusion_weights_are_exact_constants():
     with torch.no_grad():
         for a, b in zip(cell(feats), frozen(feats)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("light", [False, True])
+def test_folded_fusion_weights_match(light):
+    """fold_fusion_weights: the same maps from one multiply fewer per fusion node, the w0 of each node
+    moved into its conv; a node whose own-level weight is clipped to 0 keeps the plain form."""
+    import copy
+
+    from models.bifpn import BiFPNCell, BiFPNLightCell
+
+    torch.manual_seed(1)
+    cell = (BiFPNLightCell(16, (8, 12, 20)) if light else BiFPNCell(16, (8, 12, 20))).eval()
+    with torch.no_grad():
+        for name in cell.FUSION_NAMES:
+            getattr(cell, name).uniform_(0.1, 2.0)
+        cell.p3_w1[0] = -0.5  # relu -> 0: p3_w1 cannot be divided by its first weight
+    feats = (torch.randn(2, 8, 21, 18), torch.randn(2, 12, 11, 9), torch.randn(2, 20, 6, 5))
+    folded = copy.deepcopy(cell)
+    folded.fold_fusion_weights()
+    folded.fold_fusion_weights()  # a second call changes nothing
+    w0 = {name: folded.frozen_fusion[name][0] for name in cell.FUSION_NAMES}
+    assert w0["p3_w1"] == 0.0 and all(w0[n] > 0 for n in ("p4_w1", "p4_w2", "p5_w2"))
+    for name, conv_name in cell.FUSION_CONVS.items():  # first conv scaled by w0 (or left as it was)
+        before = next(m for m in getattr(cell, conv_name).modules() if isinstance(m, torch.nn.Conv2d))
+        after = next(m for m in getattr(folded, conv_name).modules() if isinstance(m, torch.nn.Conv2d))
+        torch.testing.assert_close(after.weight, before.weight * (w0[name] if w0[name] > 0 else 1.0))
+    with torch.no_grad():
+        expected, got = cell(feats), folded(feats)
+    for a, b in zip(expected, got):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not any(torch.equal(a, b) for a, b in zip(expected, got))  # the arithmetic did change

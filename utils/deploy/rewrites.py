@@ -8,7 +8,9 @@ published v1_original, at odd sizes and batch > 1):
 
 - batch norms folded into the convolution before them (utils/deploy/fuse.py), including the
   BN after every deformable conv (it becomes DeformConv's bias);
-- BiFPN fusion weights relu(w) / (sum relu(w) + eps) computed once, at conversion;
+- BiFPN fusion weights relu(w) / (sum relu(w) + eps) computed once, at conversion; for ONNX
+  also divided by each fusion's own-level weight, which moves into the conv after it
+  (models/bifpn.py FusionWeights: one multiply of the largest map fewer per fusion);
 - the parameter-free channel shuffle folded into the input-channel order of the next conv
   (V2 and v1_original: the first conv of the shuffle block; v1 and v1_slim: the heads);
 - the three 1x1 heads of a level merged into one conv whose class channels give the two
@@ -393,8 +395,8 @@ class DeployedFeatherFace(nn.Module):
         self.config = m.config
         self.body = m.body
         self.backbone_attention = residual_attention_layers(m.backbone_cbam, onnx)
-        for cell in m.bifpn:  # fusion weights as constants (models/bifpn.py FusionWeights)
-            cell.freeze_fusion_weights()
+        for cell in m.bifpn:  # fusion weights as constants, folded for ONNX (models/bifpn.py FusionWeights)
+            cell.fold_fusion_weights() if onnx else cell.freeze_fusion_weights()
         self.bifpn = m.bifpn
         self.bifpn_attention = residual_attention_layers(m.bifpn_cbam, onnx)
         form_for = _form_rule(target, deform)
