@@ -123,6 +123,7 @@ class TrainingMonitor:
             self._scalar(f"epoch/{name}", value, step)
         self._scalar("epoch/time_s", elapsed, step)
         self._scalar("epoch/eta_s", eta, step)
+        self._scalar("epoch/grad_warnings", self.warnings, step)
         if memory is not None:
             self._scalar("epoch/memory_mb", memory, step)
 

@@ -112,3 +112,36 @@ def test_parameter_table_modules_match_the_code(documented, models):
 def test_parameter_table_parser_reads_numbers():
     text = "x\n| module | v1 | v2 |\n|---|---|---|\n| `ssh` | 1,234 | 5 |\n| **total** | **1,234** | **5** |\n\nafter\n"
     assert parameter_table(text) == {"v1": {"ssh": 1234, "total": 1234}, "v2": {"ssh": 5, "total": 5}}
+
+
+def readme_commands(text: str) -> List[str]:
+    """The command lines of the README's ```bash blocks (comments and continuation lines left out)."""
+    commands, in_bash, continued = [], False, False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_bash = line.strip() == "```bash"
+            continued = False
+            continue
+        if in_bash and line.strip() and not line.lstrip().startswith("#") and not continued:
+            commands.append(line.strip())
+        continued = in_bash and line.rstrip().endswith("\\")
+    return commands
+
+
+def test_readme_commands_name_files_that_exist_and_an_environment_that_has_them():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = readme_commands(text)
+    assert commands[:2] == ['python3 -m venv .venv && .venv/bin/pip install -r requirements.txt',
+                            '.venv/bin/python -m pytest -m "not slow" -q']  # what .ci/run runs
+    plain = [c for c in commands if re.match(r"(python|tensorboard|torchrun)\b", c)]
+    assert plain, "the README has no plain `python` commands: drop the activation sentence"
+    # plain `python` is the venv's only when it is active: the set-up section must say so first
+    activate = text.find(". .venv/bin/activate")
+    assert 0 <= activate < text.find(plain[0]), "say how to activate .venv before the first plain command"
+    for command in commands:
+        for script in re.findall(r"(?:python|torchrun [^ ]+ [^ ]+) ([\w/]+\.py)\b", command):
+            assert (ROOT / script).is_file(), f"README runs a missing script: {command}"
+        for module in re.findall(r"python -m ([\w.]+)", command):
+            if module not in ("venv", "pytest"):
+                path = ROOT / module.replace(".", "/")
+                assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), command

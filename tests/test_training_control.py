@@ -163,6 +163,12 @@ def test_end_epoch_summary_eta_and_scalars():
     assert tags["epoch/train_loss"] == (1.25, 1) and tags["epoch/val_loss"] == (2.5, 1)
     assert "epoch/time_s" in tags and "epoch/memory_mb" in tags
     assert tags["epoch/memory_mb"][0] > 1.0  # this process uses more than a MiB
+    assert tags["epoch/grad_warnings"] == (0, 1) and "grad warnings" not in line
+
+    mon.log_step(6, float("inf"), {}, 0.01)
+    line = mon.end_epoch(2, {"train_loss": 1.0})
+    assert line.count("warnings") == 1 and line.endswith("grad warnings 1")
+    assert ("epoch/grad_warnings", 1.0, 2) in writer.scalars
 
 
 def test_real_summary_writer(tmp_path):

@@ -76,7 +76,6 @@ class DistillationTrainer(Trainer):
         if watched is not None and self.alpha.step_validation(watched):
             self.log(f"validation plateau: alpha x{self.alpha.plateau_factor} (plateaus so far {self.alpha.num_plateaus})")
         metrics["alpha_next"] = self.alpha.value(epoch + 1)
-        metrics["grad_warnings"] = float(self.monitor.warnings)
         if watched is None:
             return None
         if self.selection.higher_is_better:
