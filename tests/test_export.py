@@ -268,7 +268,10 @@ def test_int8_quantization_keeps_metadata_and_detections_close(v2, tmp_path):
     counts = op_counts(report.path)
     assert counts.get("QuantizeLinear", 0) > 50 and counts.get("DequantizeLinear", 0) > 50
     assert read_metadata(report.path)[CONFIG_KEY] == read_metadata(raw)[CONFIG_KEY]
-    assert report.calibration_images == 3 and report.float_ops == {}
+    # the stem (stride-2 conv on the image, first depthwise conv, their activations) stays float32
+    assert report.calibration_images == 3 and report.float_ops == {"Conv": 2, "LeakyRelu": 2}
+    assert counts["QuantizeLinear"] > 50 and not any(n.op_type == "QuantizeLinear" and n.input[0] == "input"
+                                                     for n in onnx.load(str(report.path)).graph.node)
     image = cv2.imread(str(GROUP))
     x = fixed_size_input(image, 256)
     assert x.shape == (1, 3, 256, 256)
@@ -288,7 +291,7 @@ def test_int8_leaves_deformconv_and_the_pool_border_in_float(v1, tmp_path):
     report = quantize_int8(raw, tmp_path / "v1_int8.onnx", [GROUP], image_size=128)
     # The BNs after the DeformConvs are folded into their bias; each of the 6 same-padding pools keeps
     # its -inf border plane (Pad -> MaxPool -> Max) in float: -inf has no INT8 range.
-    assert report.float_ops == {"DeformConv": 15, "Pad": 6, "MaxPool": 6, "Max": 6}
+    assert report.float_ops == {"DeformConv": 15, "Pad": 6, "MaxPool": 6, "Max": 6, "Conv": 2, "LeakyRelu": 2}
     x = fixed_size_input(cv2.imread(str(GROUP)), 128)
     names = ["bbox_regressions", "classifications"]
     fp32 = ort_session(raw).run(names, {"input": x})
@@ -303,8 +306,8 @@ def test_int8_with_a_non_finite_range_is_refused_and_leaves_no_file(v1, tmp_path
     from utils.deploy import quantize
 
     _, raw = v1
-    monkeypatch.setattr(quantize, "_float_nodes",
-                        lambda path: [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "DeformConv"])
+    monkeypatch.setattr(quantize, "_float_candidates",
+                        lambda path: [n for n in onnx.load(str(path)).graph.node if n.op_type == "DeformConv"])
     out = tmp_path / "v1_int8.onnx"
     with pytest.raises(ExportError, match="non-finite scales"):
         quantize_int8(raw, out, [GROUP], image_size=128)

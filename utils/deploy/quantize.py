@@ -69,7 +69,7 @@ class QuantizationReport:
     fp32_bytes: int
     int8_bytes: int
     calibration_images: int
-    float_ops: Dict[str, int] = field(default_factory=dict)  # ops left in float (not quantizable)
+    float_ops: Dict[str, int] = field(default_factory=dict)  # op type -> nodes left in float32
 
 
 def quantize_int8(fp32_path: PathLike, out_path: PathLike, calibration_images: Sequence[Path],
@@ -79,7 +79,8 @@ def quantize_int8(fp32_path: PathLike, out_path: PathLike, calibration_images: S
     onnxruntime.quantization has no DeformConv quantizer, so V1's DeformConv nodes (and, in a graph
     exported without the rewrites, the BatchNormalization right after each, which ORT cannot fold
     into a DeformConv) stay float32: they read dequantized inputs and the next quantized op
-    re-quantizes their output.
+    re-quantizes their output. The stem and the pools' border planes stay float32 too
+    (_float_candidates).
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -91,12 +92,16 @@ def quantize_int8(fp32_path: PathLike, out_path: PathLike, calibration_images: S
     prepared = out_path.with_name(out_path.stem + "_prep.onnx")
     try:
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared), str(out_path), _calibration_reader(calibration_images, image_size),
-            quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            per_channel=per_channel, nodes_to_exclude=_float_nodes(prepared),
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-        )
+        float_nodes = _float_candidates(prepared)
+        # The quantizer computes a scale for every calibrated tensor, the -inf border planes that stay
+        # float32 included (NaN, with numpy warnings); the scales the INT8 graph uses are checked below.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            quantize_static(
+                str(prepared), str(out_path), _calibration_reader(calibration_images, image_size),
+                quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                per_channel=per_channel, nodes_to_exclude=[n.name for n in float_nodes],
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - the quantizer raises many types
@@ -109,22 +114,35 @@ def quantize_int8(fp32_path: PathLike, out_path: PathLike, calibration_images: S
         raise ExportError(f"INT8 quantization of {fp32_path} gave non-finite scales for {len(bad)} tensors "
                           f"(first: {', '.join(bad[:3])}): their calibrated range is not finite")
     set_metadata(out_path, read_metadata(fp32_path))
-    float_ops = {}
-    for op in _float_node_types(out_path):
-        float_ops[op] = float_ops.get(op, 0) + 1
+    float_ops: Dict[str, int] = {}
+    for node in float_nodes:
+        float_ops[node.op_type] = float_ops.get(node.op_type, 0) + 1
     return QuantizationReport(out_path, fp32_path.stat().st_size, out_path.stat().st_size,
                               len(calibration_images), float_ops)
 
 
+STEM_CONVS = 2  # convs at the input end kept in float32 (see _float_candidates)
+
+
 def _float_candidates(path: Path) -> List:
-    """Nodes left in float32: DeformConv, the BatchNormalization nodes that read a DeformConv output,
-    and the border plane of V1's same-padding max-pool (ConstantOfShape(-inf) -> Pad -> MaxPool ->
-    Max, utils/deploy/export.py): its -inf values have no INT8 range, and quantizing them would turn
-    the pooled maps into NaN."""
+    """Nodes left in float32:
+    - DeformConv, and the BatchNormalization nodes that read a DeformConv output (no quantizer);
+    - the border plane of V1's same-padding max-pool (ConstantOfShape(-inf) -> Pad -> MaxPool -> Max,
+      utils/deploy/export.py): its -inf values have no INT8 range, and quantizing them would turn
+      the pooled maps into NaN;
+    - the stem: the first STEM_CONVS convs from the image (the 3-channel stride-2 conv and the 8-channel
+      depthwise conv after it) and their activations. In INT8 they ran slower than in float32, and a
+      quantized image input is dequantized again for every Shape node that reads it (README, INT8).
+    """
     import onnx
 
-    nodes = onnx.load(str(path)).graph.node
+    graph = onnx.load(str(path)).graph
+    nodes = graph.node
     producer = {out: n for n in nodes for out in n.output}
+    consumers: Dict[str, List] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
 
     def made_by(name: str, op_type: str):
         node = producer.get(name)
@@ -141,11 +159,24 @@ def _float_candidates(path: Path) -> List:
             pad = made_by(pool.input[0], "Pad") if pool is not None else None
             if pad is not None and made_by(pad.input[0], "ConstantOfShape") is not None:
                 chosen += [pad, pool, node]
+    chosen += _stem(graph.input[0].name, consumers)
     return chosen
 
 
-def _float_nodes(path: Path) -> List[str]:
-    return [n.name for n in _float_candidates(path)]
+def _stem(image: str, consumers: Dict[str, List]) -> List:
+    """The first STEM_CONVS Conv nodes on the path from the image, each with the activation right
+    after it: a chain of Conv -> activation nodes, the activation being the conv's only consumer."""
+    stem = []
+    convs = [n for n in consumers.get(image, []) if n.op_type == "Conv"]
+    node = convs[0] if len(convs) == 1 else None
+    while node is not None and node.op_type == "Conv" and len(stem) < 2 * STEM_CONVS:
+        after = consumers.get(node.output[0], [])
+        if len(after) != 1 or after[0].op_type not in ("LeakyRelu", "Relu"):
+            break
+        stem += [node, after[0]]
+        nxt = consumers.get(after[0].output[0], [])
+        node = nxt[0] if len(nxt) == 1 else None
+    return stem
 
 
 def _non_finite_scales(path: Path) -> List[str]:
@@ -157,10 +188,6 @@ def _non_finite_scales(path: Path) -> List[str]:
     params = {name for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for name in n.input[1:]}
     return [t.name for t in graph.initializer
             if t.name in params and not np.isfinite(numpy_helper.to_array(t).astype(np.float64)).all()]
-
-
-def _float_node_types(path: Path) -> List[str]:
-    return [n.op_type for n in _float_candidates(path)]
 
 
 def onnx_latency_ms(path: PathLike, size: Tuple[int, int], threads: int = 1, runs: int = 30) -> float:
