@@ -166,6 +166,20 @@ def test_v2_dynamic_shapes_match_pytorch(v2):
     assert all(r.ok for r in rows), format_parity(rows)
 
 
+def test_padded_stem_export_matches_pytorch(tmp_path):
+    """--pad_stem: the stem's convs are 16 channels wide in the graph, ORT agrees with the model."""
+    needs_exporter()
+    model = realistic("v2", seed=4)
+    path = export_onnx(model, tmp_path / "v2_padded.onnx", image_size=128, stem_padded=True)
+    graph = onnx.load(str(path)).graph
+    weights = {t.name: tuple(t.dims) for t in graph.initializer}
+    first = [n for n in graph.node if n.op_type == "Conv" and n.input[0] == "input"]
+    assert len(first) == 1 and weights[first[0].input[1]] == (16, 3, 3, 3)
+    assert json.loads(read_metadata(path)["featherface_graph_form"])["stem_channels"] == 16
+    rows = check_parity(model, path, [(1, 128, 128), (2, 97, 131)])
+    assert all(r.ok for r in rows), format_parity(rows)
+
+
 def test_parity_check_catches_a_wrong_graph(v1, v2):
     v1_model, _ = v1
     _, v2_raw, _ = v2
@@ -345,13 +359,15 @@ def test_cli_user_errors(tmp_path, capsys):
     code, err = _cli(capsys, "--model", "v2", "--random_init", "--quantize", "int8", "--calibration_images",
                      tmp_path / "nowhere")
     assert code == 2 and "calibration image folder not found" in err
+    code, err = _cli(capsys, "--model", "v2", "--random_init", "--pad_stem", "--no_rewrites", "--output", tmp_path / "x.onnx")
+    assert code == 2 and "--pad_stem needs the graph rewrites" in err and not (tmp_path / "x.onnx").exists()
 
 
 def test_help_works_without_weights():
     proc = subprocess.run([sys.executable, str(ROOT / "export_dynamic_onnx.py"), "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    for flag in ("--test_sizes", "--deployment_package", "--with_postprocess", "--quantize", "--random_init"):
+    for flag in ("--test_sizes", "--deployment_package", "--with_postprocess", "--quantize", "--random_init", "--pad_stem"):
         assert flag in proc.stdout
 
 

@@ -20,8 +20,8 @@ from models.deform_conv import DeformableConv2d
 from tests.conftest import ROOT
 from utils.deploy.fuse import count_batchnorms
 from utils.deploy.parity import TOLERANCES
-from utils.deploy.rewrites import (DEFORM_FORMS, DeformableSampler, deploy_model, rebuilt_conv,
-                                   shuffle_permutation)
+from utils.deploy.rewrites import (DEFORM_FORMS, STEM_BLOCK, DeformableSampler, deploy_model, rebuilt_conv,
+                                   shuffle_permutation, zero_padded_conv)
 from utils.inference.detector import OUTPUT_NAMES
 
 cv2 = pytest.importorskip("cv2")
@@ -116,6 +116,36 @@ def test_every_deformable_form_matches(models, form):
     x = inputs((2, 97, 131), seed=1)
     with torch.inference_mode():
         assert_within_tolerance(model(x), deployed(x), form)
+
+
+@pytest.mark.parametrize("name", ["v1", "v2", "v1_original"])
+def test_padded_stem_is_exact(models, name):
+    """--pad_stem: 16-channel stem whose extra channels are zero; outputs equal the unpadded graph's."""
+    model = models[name]
+    plain, padded = deploy_model(model, target="onnx"), deploy_model(model, target="onnx", stem_padded=True)
+    stem, first = padded.body.stage1[0][0], padded.body.stage1[1]
+    assert (stem.out_channels, first[0].groups, first[3].in_channels, first[3].out_channels) == (STEM_BLOCK, STEM_BLOCK, STEM_BLOCK, 16)
+    assert not stem.weight[8:].any() and not stem.bias[8:].any() and not first[3].weight[:, 8:].any()
+    for shape in [(2, 97, 131), (1, 64, 48)]:
+        x = inputs(shape, seed=2)
+        with torch.inference_mode():
+            expected, got = model(x), padded(x)
+            assert_within_tolerance(expected, got, f"{name} padded stem {shape}")
+            for a, b in zip(plain(x), got):
+                assert (a - b).abs().max() <= 1e-5
+
+
+def test_zero_padded_conv_refuses_what_it_cannot_widen():
+    with pytest.raises(ValueError, match="depthwise"):
+        zero_padded_conv(torch.nn.Conv2d(8, 8, 3, groups=8), 16, 8)
+    with pytest.raises(ValueError, match="dense and depthwise"):
+        zero_padded_conv(torch.nn.Conv2d(8, 16, 3, groups=2), 32, 8)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    wide = zero_padded_conv(conv, 8, 4)
+    x = torch.randn(2, 4, 9, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x)[:, :5], conv(x[:, :3]))
+        assert not wide(x)[:, 5:].any()
 
 
 def test_auto_projects_only_narrowing_layers(models):

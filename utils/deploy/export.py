@@ -35,7 +35,7 @@ from torchvision.ops import nms
 
 from data.config import MEAN_BGR, ModelConfig
 from layers.box_utils import decode, decode_landmarks
-from utils.deploy.rewrites import DEFORM_FORMS, deploy_model
+from utils.deploy.rewrites import DEFORM_FORMS, STEM_BLOCK, deploy_model
 from utils.inference.detector import INPUT_NAME, ONNX_CONFIG_KEY, OUTPUT_NAMES, ort_session_options
 from utils.inference.postprocess import DEMO_POSTPROCESS, PostProcessConfig
 from utils.errors import FeatherFaceError
@@ -178,14 +178,16 @@ def model_metadata(config: ModelConfig) -> Dict[str, str]:
     }
 
 
-def graph_module(model: nn.Module, rewrite: bool = True, deform: str = "auto") -> nn.Module:
+def graph_module(model: nn.Module, rewrite: bool = True, deform: str = "auto", stem_padded: bool = False) -> nn.Module:
     """What gets traced: the deployment form of `model` (utils.deploy.rewrites) or, with
-    rewrite=False, the model as built (then `deform` must be "auto": DeformConv as is). The callers
-    have checked `deform` (`_check_deform`)."""
+    rewrite=False, the model as built (then `deform` must be "auto": DeformConv as is, and the stem
+    not padded). The callers have checked `deform` (`_check_deform`)."""
     if rewrite:
-        return deploy_model(model, target="onnx", deform=deform)
+        return deploy_model(model, target="onnx", deform=deform, stem_padded=stem_padded)
     if deform != "auto":
         raise ExportError(f"--deform_form {deform} needs the graph rewrites (drop --no_rewrites)")
+    if stem_padded:
+        raise ExportError("--pad_stem needs the graph rewrites (drop --no_rewrites)")
     return model.eval()
 
 
@@ -194,21 +196,23 @@ def _check_deform(deform: str) -> None:
         raise ExportError(f"unknown deformable-conv form {deform!r}; choose one of {', '.join(DEFORM_FORMS)}")
 
 
-def graph_form(rewrite: bool, deform: str) -> Dict[str, str]:
-    return {GRAPH_FORM_KEY: json.dumps({"rewrites": bool(rewrite), "deformable_conv": deform if rewrite else "deformconv"})}
+def graph_form(rewrite: bool, deform: str, stem_padded: bool = False) -> Dict[str, str]:
+    return {GRAPH_FORM_KEY: json.dumps({"rewrites": bool(rewrite), "deformable_conv": deform if rewrite else "deformconv",
+                                        "stem_channels": STEM_BLOCK if stem_padded else 8})}
 
 
 def export_onnx(model: nn.Module, path: PathLike, image_size: Union[int, Sequence[int]] = 640,
-                opset: int = DEFAULT_OPSET, rewrite: bool = True, deform: str = "auto") -> Path:
+                opset: int = DEFAULT_OPSET, rewrite: bool = True, deform: str = "auto",
+                stem_padded: bool = False) -> Path:
     """Export the raw-output graph with dynamic batch, height and width; returns the path."""
     config: ModelConfig = model.config
     _check_deform(deform)
     check_opset(config, opset, deform)
     h, w = _size_pair(image_size)
-    module = graph_module(model, rewrite, deform)
+    module = graph_module(model, rewrite, deform, stem_padded)
     path = Path(path)
     _export(module, (torch.zeros(1, 3, h, w),), path, [INPUT_NAME], OUTPUT_NAMES, (_input_dims(),), opset)
-    set_metadata(path, {**model_metadata(config), **graph_form(rewrite, deform)})
+    set_metadata(path, {**model_metadata(config), **graph_form(rewrite, deform, stem_padded)})
     return path
 
 
@@ -278,7 +282,8 @@ class DetectionGraph(nn.Module):
 def export_graphs(model: nn.Module, raw_path: PathLike, detection_path: PathLike,
                   image_size: Union[int, Sequence[int]] = 640, opset: int = DEFAULT_OPSET,
                   nms_threshold: float = DEMO_POSTPROCESS.nms_threshold, top_k: int = DEMO_POSTPROCESS.top_k,
-                  keep_top_k: int = DEMO_POSTPROCESS.keep_top_k, rewrite: bool = True, deform: str = "auto") -> Tuple[Path, Path]:
+                  keep_top_k: int = DEMO_POSTPROCESS.keep_top_k, rewrite: bool = True, deform: str = "auto",
+                  stem_padded: bool = False) -> Tuple[Path, Path]:
     """Export the raw graph and the detection graph from ONE trace of `DetectionGraph`.
 
     Tracing dominates export time (about 20-40 s on two CPU cores per model), so the combined
@@ -293,7 +298,7 @@ def export_graphs(model: nn.Module, raw_path: PathLike, detection_path: PathLike
     _check_deform(deform)
     check_opset(config, opset, deform)
     h, w = _size_pair(image_size)
-    graph = DetectionGraph(graph_module(model, rewrite, deform), nms_threshold, top_k, keep_top_k).eval()
+    graph = DetectionGraph(graph_module(model, rewrite, deform, stem_padded), nms_threshold, top_k, keep_top_k).eval()
     raw_path, detection_path = Path(raw_path), Path(detection_path)
     combined = detection_path.with_name(detection_path.stem + "_combined.onnx")
     args = (torch.zeros(1, 3, h, w), torch.tensor(DEMO_POSTPROCESS.conf_threshold))
@@ -306,7 +311,7 @@ def export_graphs(model: nn.Module, raw_path: PathLike, detection_path: PathLike
     finally:
         combined.unlink(missing_ok=True)
     _fix_batch_one(detection_path)
-    form = graph_form(rewrite, deform)
+    form = graph_form(rewrite, deform, stem_padded)
     set_metadata(raw_path, {**model_metadata(config), **form})
     settings = {"nms_threshold": graph.nms_threshold, "top_k": graph.top_k, "keep_top_k": graph.keep_top_k,
                 "batch": 1, "output": "faces (K, 15) [x1, y1, x2, y2, score, l0x, l0y, ..., l4x, l4y] in input pixels"}

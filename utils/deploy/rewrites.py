@@ -50,6 +50,7 @@ from utils.deploy.fuse import fuse_batchnorm
 
 TARGETS = ("onnx", "torch")
 DEFORM_FORMS = ("auto", "deformconv", "projected", "gridsample")
+STEM_BLOCK = 16  # ONNX Runtime's NCHWc block on AVX-512 (8 on AVX2): the width of a padded stem
 Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -104,6 +105,41 @@ def rebuilt_conv(conv: nn.Conv2d, dense: bool = False, input_permutation: Option
         if conv.bias is not None:
             new.bias.copy_(conv.bias)
     return new
+
+
+def zero_padded_conv(conv: nn.Conv2d, out_channels: int, in_channels: int) -> nn.Conv2d:
+    """A copy of `conv` (groups 1 or depthwise) widened with all-zero filters and inputs: the first
+    conv.out_channels outputs equal conv's on the first conv.in_channels inputs, the others are 0
+    (zero weights and bias)."""
+    depthwise = conv.groups == conv.in_channels > 1
+    if depthwise and out_channels != in_channels:
+        raise ValueError("a depthwise conv keeps as many outputs as inputs")
+    if not depthwise and conv.groups != 1:
+        raise ValueError("only dense and depthwise convs can be widened")
+    new = nn.Conv2d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    in_channels if depthwise else 1, bias=conv.bias is not None)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[: conv.out_channels, : conv.weight.shape[1]] = conv.weight
+        if conv.bias is not None:
+            new.bias.zero_()
+            new.bias[: conv.out_channels] = conv.bias
+    return new
+
+
+def pad_stem(body: nn.Module, channels: int = STEM_BLOCK) -> None:
+    """In place, on a BN-folded MobileNetV1 (models/backbone.py): the stem conv (3 -> 8, stride 2) and
+    the depthwise conv after it get `channels` channels, the extra ones all zero (LeakyReLU(0) = 0),
+    and the pointwise conv after them reads those zero channels with zero weights. Same function;
+    in ONNX Runtime on x86 with AVX-512, whose blocked layout (NCHWc) works in 16-channel blocks, the
+    8-channel half-resolution map no longer has to be reordered to plain NCHW for the pointwise conv."""
+    stem, first = body.stage1[0], body.stage1[1]
+    width = stem[0].out_channels
+    if channels < width:
+        raise ValueError(f"the stem has {width} channels; cannot pad it to {channels}")
+    stem[0] = zero_padded_conv(stem[0], channels, stem[0].in_channels)
+    first[0] = zero_padded_conv(first[0], channels, channels)
+    first[3] = zero_padded_conv(first[3], first[3].out_channels, channels)
 
 
 def _without_identity(seq: nn.Sequential) -> nn.Sequential:
@@ -386,7 +422,7 @@ class DeployedFeatherFace(nn.Module):
     x (B, 3, H, W) -> (bbox (B, N, 4), scores (B, N, 2), landmarks (B, N, 10)). `config` is the
     source model's config (for priors, metadata and export)."""
 
-    def __init__(self, model: nn.Module, target: str = "onnx", deform: str = "auto") -> None:
+    def __init__(self, model: nn.Module, target: str = "onnx", deform: str = "auto", stem_padded: bool = False) -> None:
         super().__init__()
         _check(target, TARGETS, "deployment target")
         _check(deform, DEFORM_FORMS, "deformable-conv form")
@@ -394,6 +430,8 @@ class DeployedFeatherFace(nn.Module):
         m = fuse_batchnorm(model)  # a folded copy; the caller's model is untouched
         self.config = m.config
         self.body = m.body
+        if stem_padded:
+            pad_stem(self.body)
         self.backbone_attention = residual_attention_layers(m.backbone_cbam, onnx)
         for cell in m.bifpn:  # fusion weights as constants, folded for ONNX (models/bifpn.py FusionWeights)
             cell.fold_fusion_weights() if onnx else cell.freeze_fusion_weights()
@@ -436,15 +474,16 @@ def _form_rule(target: str, deform: str) -> Callable[[int, int], str]:
     return lambda cin, cout: deform
 
 
-def deploy_model(model: nn.Module, target: str = "onnx", deform: str = "auto") -> nn.Module:
+def deploy_model(model: nn.Module, target: str = "onnx", deform: str = "auto", stem_padded: bool = False) -> nn.Module:
     """The deployment form of `model` (see the module docstring); `model` itself is not changed.
 
     target "onnx" (graph for ONNX Runtime) or "torch" (eager inference); deform (ONNX only):
     "auto" (projected DeformConv where the output is narrower than the input, plain DeformConv
-    elsewhere), "deformconv", "projected" or "gridsample" (standard ops only, no DeformConv).
+    elsewhere), "deformconv", "projected" or "gridsample" (standard ops only, no DeformConv);
+    stem_padded: the 8-channel stem widened to STEM_BLOCK zero-padded channels (`pad_stem`).
     A module that is not a FeatherFace (a stand-in with a `config`) only gets its batch norms folded.
     """
     if not isinstance(model, FeatherFace):
         _check(target, TARGETS, "deployment target")
         return fuse_batchnorm(model)
-    return DeployedFeatherFace(model, target, deform)
+    return DeployedFeatherFace(model, target, deform, stem_padded)
