@@ -30,7 +30,9 @@ ONNX-only rewrites, chosen by measuring ONNX Runtime's CPU provider (README, Spe
   DeformConv with one offset group per tap samples only those, K*Cout instead of K*Cin values per
   pixel (the tap's fixed displacement goes into the offset bias). `deform="gridsample"` builds every
   deformable conv from standard ops only (Conv, GridSample, Mul, ReduceSum) for runtimes without
-  DeformConv.
+  DeformConv;
+- optional (`stem_padded`, export `--pad_stem`): the 8-channel stem widened to 16 zero channels, for
+  ORT's 16-channel blocked layout on AVX-512 (`pad_stem`).
 """
 from __future__ import annotations
 
