@@ -1,4 +1,4 @@
-"""Export a FeatherFace checkpoint to ONNX with dynamic batch/height/width, check it against
+"""Export a FeatherFace checkpoint to ONNX with dynamic batch/height/width (or a fixed size), check it against
 PyTorch, and optionally build a detection graph (decode + NMS inside), an INT8 copy and a
 self-contained deployment package.
 
@@ -18,7 +18,7 @@ from utils.deploy.export import (DEFAULT_OPSET, ExportError, MIN_DEFORM_OPSET, c
                                  export_graphs, export_onnx, op_counts, require_exporter)
 from utils.deploy.package import write_deployment_package
 from utils.deploy.parity import verify_export
-from utils.deploy.quantize import find_images, quantize_and_report, read_image
+from utils.deploy.quantize import find_images, quantize_and_report, sample_images
 from utils.deploy.rewrites import DEFORM_FORMS
 from utils.deploy.staging import staged
 from utils.errors import CheckpointError, FeatherFaceError, run_cli
@@ -62,6 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--pad_stem", action="store_true",
                    help="widen the 8-channel stem to 16 zero channels (same outputs): faster in ONNX Runtime "
                         "on x86 with AVX-512, slower without its 16-channel blocked layout (README, Speed)")
+    p.add_argument("--static_size", action="store_true",
+                   help="fix H and W at --image_size, the batch stays dynamic (faster in ONNX Runtime; FaceDetector "
+                        "letterboxes every image into it); the raw graph only, no --with_postprocess or package")
     p.add_argument("--no_rewrites", action="store_true",
                    help="trace the model as built instead of its deployment form (same outputs, slower graph)")
     return p
@@ -91,19 +94,17 @@ def load(args: argparse.Namespace) -> torch.nn.Module:
     return build_model(args.model).eval()
 
 
-def sample_images(folder: Path, limit: int = 3) -> dict:
-    paths = find_images(folder)[:limit] if folder.is_dir() else []
-    return {p.name: read_image(p) for p in paths}
-
-
 def main(args: argparse.Namespace) -> dict:
     model = load(args)
     config = model.config
-    rewrite = not args.no_rewrites
+    graph = dict(rewrite=not args.no_rewrites, deform=args.deform_form, stem_padded=args.pad_stem)
+    fixed = (args.image_size, args.image_size) if args.static_size else None
     check_opset(config, args.opset, args.deform_form)
     calibration = find_images(args.calibration_images) if args.quantize else []
     if args.quantize and not args.calibration_images:
         raise FeatherFaceError("--quantize int8 needs --calibration_images DIR")
+    if fixed and (args.with_postprocess or args.deployment_package is not None):
+        raise FeatherFaceError("--static_size writes the raw graph only: drop --with_postprocess / --deployment_package")
     require_exporter()
     default = Path(args.weights).with_suffix(".onnx") if args.weights else Path(f"weights/{config.name}_random_init.onnx")
     raw = Path(args.output) if args.output else default
@@ -112,21 +113,19 @@ def main(args: argparse.Namespace) -> dict:
     int8 = raw.with_name(raw.stem + "_int8.onnx") if args.quantize else None
     targets = {"onnx": raw, "postprocess": detection, "int8": int8, "package": package}
     targets = {k: v for k, v in targets.items() if v is not None}
-    form = "as built" if not rewrite else (f"deployment rewrites, deformable convs: {args.deform_form}"
-                                           + (", stem padded to 16 channels" if args.pad_stem else ""))
+    form = "as built" if args.no_rewrites else (f"deployment rewrites, deformable convs: {args.deform_form}"
+                                                + (", stem padded to 16 channels" if args.pad_stem else ""))
     print(f"exporting {config.name} ({count_parameters(model):,} parameters), opset {args.opset}, traced at "
-          f"{args.image_size}x{args.image_size}, {form}", flush=True)
+          f"{args.image_size}x{args.image_size}{' (fixed)' if fixed else ''}, {form}", flush=True)
     # Everything is written to hidden folders beside the targets and moved into place only after
     # every check passed: a failed export leaves nothing behind.
     with staged(list(targets.values())) as paths:
         out = dict(zip(targets, paths))
         if detection:
             export_graphs(model, out["onnx"], out["postprocess"], args.image_size, args.opset, args.nms_threshold,
-                          args.top_k, args.keep_top_k, rewrite=rewrite, deform=args.deform_form,
-                          stem_padded=args.pad_stem)
+                          args.top_k, args.keep_top_k, **graph)
         else:
-            export_onnx(model, out["onnx"], args.image_size, args.opset, rewrite=rewrite, deform=args.deform_form,
-                        stem_padded=args.pad_stem)
+            export_onnx(model, out["onnx"], args.image_size, args.opset, static_size=bool(fixed), **graph)
         for key in ("onnx", "postprocess"):
             if key in out:
                 check_onnx_file(out[key])
@@ -137,7 +136,7 @@ def main(args: argparse.Namespace) -> dict:
             # An untrained network ties scores everywhere: its detection comparison cannot fail the export.
             failures, parity_report = verify_export(model, out["onnx"], out.get("postprocess"),
                                                     sample_images(SAMPLE_IMAGES), args.score_threshold,
-                                                    detections_decide=not args.random_init)
+                                                    detections_decide=not args.random_init, fixed_size=fixed)
         int8_path = out.get("int8")
         if int8_path:
             drift_images = sample_images(SAMPLE_IMAGES) or sample_images(Path(args.calibration_images))

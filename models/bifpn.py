@@ -119,8 +119,17 @@ class FusionWeights(nn.Module):
 
 
 def upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Nearest up-sampling of x to ref's spatial size."""
-    return F.interpolate(x, size=ref.shape[-2:], mode="nearest")
+    """Nearest up-sampling of x to ref's spatial size.
+
+    In an ONNX export at a fixed input size (export_dynamic_onnx.py --static_size) where ref is
+    exactly twice x, the same up-sampling is traced as a factor of 2: ONNX Runtime runs a Resize
+    with constant scales in its blocked layout, and one with a `sizes` input outside it. (Equal
+    results: both take source pixel floor(i / 2).) Dynamic shapes keep the size form."""
+    size = tuple(ref.shape[-2:])
+    if (torch.onnx.is_in_onnx_export() and all(isinstance(n, int) for n in size + tuple(x.shape[-2:]))
+            and size == (2 * x.shape[-2], 2 * x.shape[-1])):
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return F.interpolate(x, size=size, mode="nearest")
 
 
 def same_max_pool(x: torch.Tensor) -> torch.Tensor:

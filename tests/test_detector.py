@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from data.config import get_config
-from data.preprocess import preprocess
+from data.preprocess import letterbox, preprocess
 from models import build_model
 from tests.conftest import ROOT, randomise
 from tests.test_convert_official import GOLDEN_GROUP_8
@@ -127,6 +127,19 @@ def test_detector_takes_grayscale_and_refuses_0_to_1_floats(real_checkpoint, gro
                                atol=1e-4)  # a float image with 0-255 values is fine
     with pytest.raises(FeatherFaceError, match="all values <= 1.*0-255"):
         detector.detect(group_8.astype(np.float32) / 255)  # would otherwise find no face, silently
+
+
+@pytest.mark.parametrize("shape, size", [((60, 100), (32, 48)), ((100, 60), (32, 48)), ((10, 10), (32, 48))])
+def test_letterbox_fits_the_image_and_pads_with_zeros(shape, size):
+    """For graphs of fixed input size: the largest scale that fits, padding bottom/right, 0 after mean removal."""
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    tensor, scale = letterbox(image, size)
+    assert tensor.shape == (3, *size)
+    assert scale == pytest.approx(min(size[0] / shape[0], size[1] / shape[1]))
+    h, w = round(shape[0] * scale), round(shape[1] * scale)
+    assert (h == size[0]) or (w == size[1])  # one side fills the input
+    torch.testing.assert_close(tensor[:, :h, :w], preprocess(image, scale))
+    assert not tensor[:, h:].any() and not tensor[:, :, w:].any()
 
 
 def test_face_to_dict_is_json_ready():

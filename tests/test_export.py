@@ -42,7 +42,7 @@ from utils.deploy.parity import (TOLERANCES, check_detection_parity, check_parit
 from utils.deploy.quantize import detection_drift, find_images, fixed_size_input, quantize_int8  # noqa: E402
 from utils.inference.detector import FaceDetector  # noqa: E402
 from utils.inference.postprocess import DEMO_POSTPROCESS  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
+from utils.errors import FeatherFaceError, run_cli  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample" / "images"
 GROUP = SAMPLE / "group_8.jpg"
@@ -178,6 +178,40 @@ def test_padded_stem_export_matches_pytorch(tmp_path):
     assert json.loads(read_metadata(path)["featherface_graph_form"])["stem_channels"] == 16
     rows = check_parity(model, path, [(1, 128, 128), (2, 97, 131)])
     assert all(r.ok for r in rows), format_parity(rows)
+
+
+def test_static_size_export_is_fixed_and_letterboxed_by_the_detector(tmp_path):
+    """--static_size: H and W fixed (the batch dynamic), up-sampling as scale-2 Resize, ORT equal to the
+    model; FaceDetector letterboxes each photo into the fixed size and maps faces back to its pixels."""
+    needs_exporter()
+    model = realistic("v2", seed=5)
+    path = export_onnx(model, tmp_path / "v2_128.onnx", image_size=128, static_size=True)
+    graph = onnx.load(str(path)).graph
+    assert dims(graph.input[0]) == ["batch", 3, 128, 128]
+    resizes = [n for n in graph.node if n.op_type == "Resize"]
+    assert len(resizes) == 4 and all(len(n.input) == 3 and n.input[2] for n in resizes)  # scales, no sizes
+    assert json.loads(read_metadata(path)["featherface_graph_form"])["input_size"] == [128, 128]
+    rows = check_parity(model, path, [(1, 128, 128), (3, 128, 128)])
+    assert all(r.ok for r in rows), format_parity(rows)
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        ort_session(path).run(None, {"input": np.zeros((1, 3, 96, 96), np.float32)})
+
+    image = cv2.imread(str(GROUP))  # landscape: letterboxed with padding at the bottom
+    detector = FaceDetector(path, backend="onnx", conf=0.7)  # 16 faces here
+    assert detector.backend.fixed_size == (128, 128)
+    faces = detector.detect_array(image)
+    # The same by hand: resize to fit, pad with the mean colour (0 after mean removal), run the model.
+    scale = min(128 / image.shape[0], 128 / image.shape[1])
+    small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+    canvas = np.empty((128, 128, 3), np.uint8)
+    canvas[:] = (104, 117, 123)
+    canvas[: small.shape[0], : small.shape[1]] = small
+    expected = FaceDetector(model, backend="torch", conf=0.7).detect_array(canvas, scale=1.0)
+    expected[:, [0, 1, 2, 3, *range(5, 15)]] /= scale
+    diff = compare_detections("group_8 letterboxed", expected, faces)
+    assert len(expected) > 5 and detection_graph_ok(diff), diff.line()
+    with pytest.raises(FeatherFaceError, match="one input size 128x128"):
+        detector.detect_array(image, scale=0.5)
 
 
 def test_parity_check_catches_a_wrong_graph(v1, v2):
@@ -359,6 +393,8 @@ def test_cli_user_errors(tmp_path, capsys):
     code, err = _cli(capsys, "--model", "v2", "--random_init", "--quantize", "int8", "--calibration_images",
                      tmp_path / "nowhere")
     assert code == 2 and "calibration image folder not found" in err
+    code, err = _cli(capsys, "--model", "v2", "--random_init", "--static_size", "--with_postprocess")
+    assert code == 2 and "--static_size writes the raw graph only" in err
     code, err = _cli(capsys, "--model", "v2", "--random_init", "--pad_stem", "--no_rewrites", "--output", tmp_path / "x.onnx")
     assert code == 2 and "--pad_stem needs the graph rewrites" in err and not (tmp_path / "x.onnx").exists()
 
@@ -367,7 +403,8 @@ def test_help_works_without_weights():
     proc = subprocess.run([sys.executable, str(ROOT / "export_dynamic_onnx.py"), "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    for flag in ("--test_sizes", "--deployment_package", "--with_postprocess", "--quantize", "--random_init", "--pad_stem"):
+    for flag in ("--test_sizes", "--deployment_package", "--with_postprocess", "--quantize", "--random_init", "--pad_stem",
+                 "--static_size"):
         assert flag in proc.stdout
 
 

@@ -196,29 +196,35 @@ def _check_deform(deform: str) -> None:
         raise ExportError(f"unknown deformable-conv form {deform!r}; choose one of {', '.join(DEFORM_FORMS)}")
 
 
-def graph_form(rewrite: bool, deform: str, stem_padded: bool = False) -> Dict[str, str]:
+def graph_form(rewrite: bool, deform: str, stem_padded: bool = False,
+               fixed_size: Optional[Tuple[int, int]] = None) -> Dict[str, str]:
     return {GRAPH_FORM_KEY: json.dumps({"rewrites": bool(rewrite), "deformable_conv": deform if rewrite else "deformconv",
-                                        "stem_channels": STEM_BLOCK if stem_padded else 8})}
+                                        "stem_channels": STEM_BLOCK if stem_padded else 8,
+                                        "input_size": list(fixed_size) if fixed_size else "dynamic"})}
 
 
 def export_onnx(model: nn.Module, path: PathLike, image_size: Union[int, Sequence[int]] = 640,
                 opset: int = DEFAULT_OPSET, rewrite: bool = True, deform: str = "auto",
-                stem_padded: bool = False) -> Path:
-    """Export the raw-output graph with dynamic batch, height and width; returns the path."""
+                stem_padded: bool = False, static_size: bool = False) -> Path:
+    """Export the raw-output graph with dynamic batch, height and width (static_size: H and W fixed
+    at image_size, the batch still dynamic); returns the path."""
     config: ModelConfig = model.config
     _check_deform(deform)
     check_opset(config, opset, deform)
     h, w = _size_pair(image_size)
     module = graph_module(model, rewrite, deform, stem_padded)
     path = Path(path)
-    _export(module, (torch.zeros(1, 3, h, w),), path, [INPUT_NAME], OUTPUT_NAMES, (_input_dims(),), opset)
-    set_metadata(path, {**model_metadata(config), **graph_form(rewrite, deform, stem_padded)})
+    _export(module, (torch.zeros(1, 3, h, w),), path, [INPUT_NAME], OUTPUT_NAMES, (_input_dims(static_size),), opset)
+    form = graph_form(rewrite, deform, stem_padded, (h, w) if static_size else None)
+    set_metadata(path, {**model_metadata(config), **form})
     return path
 
 
-def _input_dims() -> Dict[int, torch.export.Dim]:
-    return {0: torch.export.Dim("batch", min=1, max=1024),
-            2: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
+def _input_dims(static_size: bool = False) -> Dict[int, torch.export.Dim]:
+    batch = {0: torch.export.Dim("batch", min=1, max=1024)}
+    if static_size:
+        return batch
+    return {**batch, 2: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
             3: torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)}
 
 

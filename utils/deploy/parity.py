@@ -209,11 +209,13 @@ def detection_graph_ok(diff: DetectionDiff, coord_tol: float = 1e-2, score_tol: 
 
 def verify_export(model: nn.Module, raw: PathLike, detection: Optional[PathLike], images: Dict[str, np.ndarray],
                   score_threshold: float = DEMO_POSTPROCESS.conf_threshold, detections_decide: bool = True,
-                  log=print) -> Tuple[List[str], str]:
-    """The export's checks: the raw graph vs PyTorch at PARITY_SHAPES, and the detection graph
-    (when given) vs the PyTorch pipeline on `images`, logged as they run. Returns (failures,
-    parity table); detection mismatches count as failures only if `detections_decide`."""
-    rows = check_parity(model, raw)
+                  log=print, fixed_size: Optional[Tuple[int, int]] = None) -> Tuple[List[str], str]:
+    """The export's checks: the raw graph vs PyTorch at PARITY_SHAPES (a graph of fixed input size:
+    that size at batches 1, 2 and 4), and the detection graph (when given) vs the PyTorch pipeline on
+    `images`, logged as they run. Returns (failures, parity table); detection mismatches count as
+    failures only if `detections_decide`."""
+    shapes = [(b, *fixed_size) for b in (1, 2, 4)] if fixed_size else PARITY_SHAPES
+    rows = check_parity(model, raw, shapes)
     table = format_parity(rows)
     log(table)
     failures = [f"raw graph at {r.shape}" for r in rows if not r.ok]

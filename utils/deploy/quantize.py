@@ -37,6 +37,12 @@ def read_image(path: PathLike) -> np.ndarray:
     return image
 
 
+def sample_images(folder: PathLike, limit: int = 3) -> Dict[str, np.ndarray]:
+    """The first `limit` images of `folder` by file name ({} when the folder does not exist)."""
+    folder = Path(folder)
+    return {p.name: read_image(p) for p in (find_images(folder)[:limit] if folder.is_dir() else [])}
+
+
 def fixed_size_input(image_bgr: np.ndarray, size: int) -> np.ndarray:
     """(1, 3, size, size) float32: longer side resized to `size`, zero-padded bottom/right after
     mean removal (the padding preprocess_batch uses)."""

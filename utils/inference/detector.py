@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from data.config import ModelConfig
-from data.preprocess import preprocess, resize_scale
+from data.preprocess import letterbox, preprocess, resize_scale
 from layers.prior_box import prior_boxes_for
 from utils.errors import FeatherFaceError
 from utils.deploy.rewrites import deploy_model
@@ -148,6 +148,9 @@ class OnnxBackend:
             raise FeatherFaceError(f"{path} has no FeatherFace model config in its metadata; export it with export_dynamic_onnx.py")
         self.config = ModelConfig.from_dict(json.loads(meta[ONNX_CONFIG_KEY]))
         self.device = torch.device("cpu")
+        height, width = self.session.get_inputs()[0].shape[2:]
+        # A graph exported with --static_size takes one (H, W); FaceDetector letterboxes into it.
+        self.fixed_size = (height, width) if isinstance(height, int) and isinstance(width, int) else None
 
     def __call__(self, batch: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         outputs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch.numpy()})
@@ -181,7 +184,9 @@ class FaceDetector:
     for many inputs of one size, see TorchBackend).
     threads: intra-op threads for ONNX Runtime (the torch backend follows torch.set_num_threads).
     image_size: None runs each image at its own size; an int resizes so the shorter side is
-    that many pixels (longer side capped at `max_size` when given). Boxes and landmarks are
+    that many pixels (longer side capped at `max_size` when given). An ONNX graph exported with a
+    fixed input size (--static_size) instead gets each image letterboxed into that size
+    (data.preprocess.letterbox; image_size and max_size do not apply). Boxes and landmarks are
     returned in original-image pixels.
     """
 
@@ -237,8 +242,16 @@ class FaceDetector:
         image must get the same faces as `detect` on its own.
         """
         images = [as_bgr(image) for image in images]
-        scales = [self.scale_for(im) if scale is None else scale for im in images]
-        tensors = [preprocess(im, s) for im, s in zip(images, scales)]
+        fixed_size = getattr(self.backend, "fixed_size", None)
+        if fixed_size is not None:
+            if scale is not None:
+                raise FeatherFaceError(f"this ONNX graph takes one input size {fixed_size[0]}x{fixed_size[1]} "
+                                       f"(--static_size): it cannot run images at a given scale; export without "
+                                       f"--static_size for that")
+            tensors, scales = map(list, zip(*(letterbox(im, fixed_size) for im in images))) if images else ([], [])
+        else:
+            scales = [self.scale_for(im) if scale is None else scale for im in images]
+            tensors = [preprocess(im, s) for im, s in zip(images, scales)]
         by_size: Dict[Tuple[int, int], List[int]] = {}
         detect_kwargs = dataclasses.asdict(self.postprocess)
         for i, t in enumerate(tensors):
