@@ -63,8 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="widen the 8-channel stem to 16 zero channels (same outputs): faster in ONNX Runtime "
                         "on x86 with AVX-512, slower without its 16-channel blocked layout (README, Speed)")
     p.add_argument("--static_size", action="store_true",
-                   help="fix H and W at --image_size, the batch stays dynamic (faster in ONNX Runtime; FaceDetector "
-                        "letterboxes every image into it); the raw graph only, no --with_postprocess or package")
+                   help="fix H and W at --image_size, the batch stays dynamic (faster in ONNX Runtime); FaceDetector "
+                        "and the package's usage example letterbox every image into that size")
     p.add_argument("--no_rewrites", action="store_true",
                    help="trace the model as built instead of its deployment form (same outputs, slower graph)")
     return p
@@ -97,14 +97,13 @@ def load(args: argparse.Namespace) -> torch.nn.Module:
 def main(args: argparse.Namespace) -> dict:
     model = load(args)
     config = model.config
-    graph = dict(rewrite=not args.no_rewrites, deform=args.deform_form, stem_padded=args.pad_stem)
+    graph = dict(rewrite=not args.no_rewrites, deform=args.deform_form, stem_padded=args.pad_stem,
+                 static_size=args.static_size)
     fixed = (args.image_size, args.image_size) if args.static_size else None
     check_opset(config, args.opset, args.deform_form)
     calibration = find_images(args.calibration_images) if args.quantize else []
     if args.quantize and not args.calibration_images:
         raise FeatherFaceError("--quantize int8 needs --calibration_images DIR")
-    if fixed and (args.with_postprocess or args.deployment_package is not None):
-        raise FeatherFaceError("--static_size writes the raw graph only: drop --with_postprocess / --deployment_package")
     require_exporter()
     default = Path(args.weights).with_suffix(".onnx") if args.weights else Path(f"weights/{config.name}_random_init.onnx")
     raw = Path(args.output) if args.output else default
@@ -125,7 +124,7 @@ def main(args: argparse.Namespace) -> dict:
             export_graphs(model, out["onnx"], out["postprocess"], args.image_size, args.opset, args.nms_threshold,
                           args.top_k, args.keep_top_k, **graph)
         else:
-            export_onnx(model, out["onnx"], args.image_size, args.opset, static_size=bool(fixed), **graph)
+            export_onnx(model, out["onnx"], args.image_size, args.opset, **graph)
         for key in ("onnx", "postprocess"):
             if key in out:
                 check_onnx_file(out[key])

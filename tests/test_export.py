@@ -34,8 +34,8 @@ cv2 = pytest.importorskip("cv2")
 
 import export_dynamic_onnx as script  # noqa: E402
 from utils.deploy.export import (CONFIG_KEY, DETECTION_KEY, ExportError, check_onnx_file,
-                                 check_opset, export_graphs, export_onnx, op_counts, ort_session, pixel_priors,
-                                 read_metadata)
+                                 check_opset, export_graphs, export_onnx, fixed_input_size, op_counts, ort_session,
+                                 pixel_priors, read_metadata)
 from utils.deploy.package import write_deployment_package
 from utils.deploy.parity import (TOLERANCES, check_detection_parity, check_parity, compare_detections,
                                  detection_graph_ok, format_parity, run_detection_graph)
@@ -180,25 +180,29 @@ def test_padded_stem_export_matches_pytorch(tmp_path):
     assert all(r.ok for r in rows), format_parity(rows)
 
 
-def test_static_size_export_is_fixed_and_letterboxed_by_the_detector(tmp_path):
+def test_static_size_export_is_fixed_and_letterboxed_everywhere(tmp_path):
     """--static_size: H and W fixed (the batch dynamic), up-sampling as scale-2 Resize, ORT equal to the
-    model; FaceDetector letterboxes each photo into the fixed size and maps faces back to its pixels."""
+    model; FaceDetector, the detection graph's check and the package's usage example letterbox each
+    photo into the fixed size and map the faces back to its pixels."""
     needs_exporter()
     model = realistic("v2", seed=5)
-    path = export_onnx(model, tmp_path / "v2_128.onnx", image_size=128, static_size=True)
-    graph = onnx.load(str(path)).graph
+    raw, detection = export_graphs(model, tmp_path / "v2_128.onnx", tmp_path / "v2_128_postprocess.onnx",
+                                   image_size=128, static_size=True)
+    graph = onnx.load(str(raw)).graph
     assert dims(graph.input[0]) == ["batch", 3, 128, 128]
+    assert dims(onnx.load(str(detection)).graph.input[0]) == [1, 3, 128, 128]
     resizes = [n for n in graph.node if n.op_type == "Resize"]
     assert len(resizes) == 4 and all(len(n.input) == 3 and n.input[2] for n in resizes)  # scales, no sizes
-    assert json.loads(read_metadata(path)["featherface_graph_form"])["input_size"] == [128, 128]
-    rows = check_parity(model, path, [(1, 128, 128), (3, 128, 128)])
+    assert json.loads(read_metadata(raw)["featherface_graph_form"])["input_size"] == [128, 128]
+    assert fixed_input_size(raw) == (128, 128) and fixed_input_size(tmp_path / "v2_128.onnx") == (128, 128)
+    rows = check_parity(model, raw, [(1, 128, 128), (3, 128, 128)])
     assert all(r.ok for r in rows), format_parity(rows)
     with pytest.raises(Exception, match="(?i)dimension|shape"):
-        ort_session(path).run(None, {"input": np.zeros((1, 3, 96, 96), np.float32)})
+        ort_session(raw).run(None, {"input": np.zeros((1, 3, 96, 96), np.float32)})
 
     image = cv2.imread(str(GROUP))  # landscape: letterboxed with padding at the bottom
-    detector = FaceDetector(path, backend="onnx", conf=0.7)  # 16 faces here
-    assert detector.backend.fixed_size == (128, 128)
+    detector = FaceDetector(raw, backend="onnx", conf=0.7)  # 16 faces here
+    assert detector.fixed_size == (128, 128)
     faces = detector.detect_array(image)
     # The same by hand: resize to fit, pad with the mean colour (0 after mean removal), run the model.
     scale = min(128 / image.shape[0], 128 / image.shape[1])
@@ -212,6 +216,21 @@ def test_static_size_export_is_fixed_and_letterboxed_by_the_detector(tmp_path):
     assert len(expected) > 5 and detection_graph_ok(diff), diff.line()
     with pytest.raises(FeatherFaceError, match="one input size 128x128"):
         detector.detect_array(image, scale=0.5)
+    [graph_diff] = check_detection_parity(model, detection, {"group_8": image}, 0.7)
+    assert graph_diff.reference == len(faces) and detection_graph_ok(graph_diff), graph_diff.line()
+
+    package = write_deployment_package(model, tmp_path / "package", raw, detection, score_threshold=0.7)
+    config = json.loads((package / "deployment_config.json").read_text())
+    assert config["input"]["fixed_size"] == [128, 128] and config["input"]["shape"] == ["batch", 3, 128, 128]
+    assert "fixed input size 128x128" in (package / "README.md").read_text()
+    out_json = tmp_path / "faces.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(package / "usage_example.py"), str(GROUP), "--json", str(out_json)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    shipped = np.asarray(json.loads(out_json.read_text())["faces"], dtype=np.float32)
+    diff = compare_detections("group_8 package", faces, shipped)
+    assert detection_graph_ok(diff), diff.line()
 
 
 def test_parity_check_catches_a_wrong_graph(v1, v2):
@@ -393,8 +412,6 @@ def test_cli_user_errors(tmp_path, capsys):
     code, err = _cli(capsys, "--model", "v2", "--random_init", "--quantize", "int8", "--calibration_images",
                      tmp_path / "nowhere")
     assert code == 2 and "calibration image folder not found" in err
-    code, err = _cli(capsys, "--model", "v2", "--random_init", "--static_size", "--with_postprocess")
-    assert code == 2 and "--static_size writes the raw graph only" in err
     code, err = _cli(capsys, "--model", "v2", "--random_init", "--pad_stem", "--no_rewrites", "--output", tmp_path / "x.onnx")
     assert code == 2 and "--pad_stem needs the graph rewrites" in err and not (tmp_path / "x.onnx").exists()
 

@@ -289,13 +289,14 @@ def export_graphs(model: nn.Module, raw_path: PathLike, detection_path: PathLike
                   image_size: Union[int, Sequence[int]] = 640, opset: int = DEFAULT_OPSET,
                   nms_threshold: float = DEMO_POSTPROCESS.nms_threshold, top_k: int = DEMO_POSTPROCESS.top_k,
                   keep_top_k: int = DEMO_POSTPROCESS.keep_top_k, rewrite: bool = True, deform: str = "auto",
-                  stem_padded: bool = False) -> Tuple[Path, Path]:
+                  stem_padded: bool = False, static_size: bool = False) -> Tuple[Path, Path]:
     """Export the raw graph and the detection graph from ONE trace of `DetectionGraph`.
 
     Tracing dominates export time (about 20-40 s on two CPU cores per model), so the combined
     graph is exported once and split with onnx.utils.extract_model: raw graph `input` ->
     bbox_regressions/classifications/landmarks (dynamic batch, H, W); detection graph `input`
-    (1, 3, H, W), `score_threshold` -> `faces` (dynamic H, W, batch 1). Returns both paths.
+    (1, 3, H, W), `score_threshold` -> `faces` (dynamic H, W, batch 1). static_size: H and W fixed at
+    image_size in both. Returns both paths.
     """
     import onnx
     import onnx.utils
@@ -310,14 +311,14 @@ def export_graphs(model: nn.Module, raw_path: PathLike, detection_path: PathLike
     args = (torch.zeros(1, 3, h, w), torch.tensor(DEMO_POSTPROCESS.conf_threshold))
     try:
         _export(graph, args, combined, [INPUT_NAME, SCORE_THRESHOLD_NAME], [*OUTPUT_NAMES, FACES_NAME],
-                (_input_dims(), None), opset)
+                (_input_dims(static_size), None), opset)
         raw_path.parent.mkdir(parents=True, exist_ok=True)
         onnx.utils.extract_model(str(combined), str(raw_path), [INPUT_NAME], list(OUTPUT_NAMES))
         onnx.utils.extract_model(str(combined), str(detection_path), [INPUT_NAME, SCORE_THRESHOLD_NAME], [FACES_NAME])
     finally:
         combined.unlink(missing_ok=True)
     _fix_batch_one(detection_path)
-    form = graph_form(rewrite, deform, stem_padded)
+    form = graph_form(rewrite, deform, stem_padded, (h, w) if static_size else None)
     set_metadata(raw_path, {**model_metadata(config), **form})
     settings = {"nms_threshold": graph.nms_threshold, "top_k": graph.top_k, "keep_top_k": graph.keep_top_k,
                 "batch": 1, "output": "faces (K, 15) [x1, y1, x2, y2, score, l0x, l0y, ..., l4x, l4y] in input pixels"}
@@ -356,6 +357,15 @@ def ort_session(path: PathLike, threads: Optional[int] = None):
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def fixed_input_size(path: PathLike) -> Optional[Tuple[int, int]]:
+    """(H, W) of a graph exported with a fixed input size (--static_size), None for dynamic H and W."""
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    height, width = (d.dim_value if d.HasField("dim_value") else None for d in dims[2:4])
+    return (height, width) if height and width else None
 
 
 def op_counts(path: PathLike) -> Dict[str, int]:

@@ -5,7 +5,7 @@ import json
 import shutil
 import string
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from torch import nn
 
@@ -13,7 +13,7 @@ from data.config import MEAN_BGR, ModelConfig
 from models.featherface import count_parameters
 from utils.checkpoint import save_checkpoint
 from utils.deploy.export import (DEFAULT_OPSET, FACES_NAME, MIN_DEFORM_OPSET, MIN_SIDE, SCORE_THRESHOLD_NAME,
-                                 PathLike, detection_settings, op_counts)
+                                 PathLike, detection_settings, fixed_input_size, op_counts)
 from utils.inference.detector import INPUT_NAME, OUTPUT_NAMES
 from utils.inference.postprocess import DEMO_POSTPROCESS
 
@@ -21,9 +21,12 @@ TEMPLATE_DIR = Path(__file__).resolve().parent / "template"
 
 def deployment_config(model: nn.Module, score_threshold: float = DEMO_POSTPROCESS.conf_threshold,
                       nms_threshold: float = DEMO_POSTPROCESS.nms_threshold, top_k: int = DEMO_POSTPROCESS.top_k,
-                      keep_top_k: int = DEMO_POSTPROCESS.keep_top_k, opset: int = DEFAULT_OPSET) -> Dict:
-    """Everything a runtime needs to feed the graphs and read their outputs (JSON-ready)."""
+                      keep_top_k: int = DEMO_POSTPROCESS.keep_top_k, opset: int = DEFAULT_OPSET,
+                      fixed_size: Optional[Tuple[int, int]] = None) -> Dict:
+    """Everything a runtime needs to feed the graphs and read their outputs (JSON-ready). fixed_size:
+    the (H, W) of graphs exported with --static_size, which take letterboxed images."""
     config: ModelConfig = model.config
+    height, width = fixed_size or ("height", "width")
     return {
         "model_name": config.name,
         "arch": config.arch,
@@ -34,14 +37,16 @@ def deployment_config(model: nn.Module, score_threshold: float = DEMO_POSTPROCES
         "variance": list(config.variance),
         "min_sizes": [list(m) for m in config.min_sizes],
         "steps": list(config.steps),
-        "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "shape": ["batch", 3, "height", "width"],
+        "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "shape": ["batch", 3, height, width],
                   "channels": "BGR", "normalization": "pixel - mean_bgr, no scaling",
-                  "min_side": MIN_SIDE},
+                  "min_side": MIN_SIDE, "fixed_size": list(fixed_size) if fixed_size else None,
+                  "letterbox": ("fixed_size: resize by min(H / h, W / w), then pad bottom/right with 0 after mean "
+                                "removal; divide output coordinates by that scale") if fixed_size else None},
         "raw_graph": {"file": "model.onnx",
                       "outputs": {OUTPUT_NAMES[0]: ["batch", "priors", 4], OUTPUT_NAMES[1]: ["batch", "priors", 2],
                                   OUTPUT_NAMES[2]: ["batch", "priors", 10]}},
         "detection_graph": {"file": "model_postprocess.onnx", "batch": 1,
-                            "inputs": {INPUT_NAME: [1, 3, "height", "width"], SCORE_THRESHOLD_NAME: []},
+                            "inputs": {INPUT_NAME: [1, 3, height, width], SCORE_THRESHOLD_NAME: []},
                             "outputs": {FACES_NAME: ["faces", 15]},
                             "columns": ["x1", "y1", "x2", "y2", "score"]
                             + [f"l{i}{a}" for i in range(5) for a in "xy"]},
@@ -86,8 +91,9 @@ def write_deployment_package(model: nn.Module, out_dir: PathLike, onnx_path: Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = detection_settings(detection_path)
+    fixed_size = fixed_input_size(onnx_path)
     config = deployment_config(model, score_threshold, settings.nms_threshold, settings.top_k, settings.keep_top_k,
-                               opset)
+                               opset, fixed_size)
     save_checkpoint(out / "model.pth", model)
     (out / "model.pth").chmod(0o644)  # written via a private temp file; a package is for sharing
     files = {"model.onnx": onnx_path, "model_postprocess.onnx": detection_path}
@@ -107,6 +113,8 @@ def write_deployment_package(model: nn.Module, out_dir: PathLike, onnx_path: Pat
         "mean": ", ".join(f"{v:g}" for v in MEAN_BGR), "variance": ", ".join(f"{v:g}" for v in m.variance),
         "score_threshold": f"{score_threshold:g}", "nms_threshold": f"{thresholds['nms_iou']:g}",
         "top_k": str(thresholds["top_k"]), "keep_top_k": str(thresholds["keep_top_k"]),
+        "input_size": (f"fixed input size {fixed_size[0]}x{fixed_size[1]} (images are letterboxed into it), dynamic "
+                       "batch" if fixed_size else "dynamic batch/height/width"),
         "runtime_note": _runtime_note(m, onnx_path, opset),
         "parity_note": (
             "ONNX Runtime (CPU) vs PyTorch at export time, max absolute difference per output:\n\n```\n"

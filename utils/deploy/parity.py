@@ -10,9 +10,9 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from data.config import MEAN_BGR
-from data.preprocess import preprocess
+from data.preprocess import letterbox, preprocess
 from utils.deploy.export import (FACES_NAME, SCORE_THRESHOLD_NAME, ExportError, PathLike, detection_settings,
-                                 ort_session)
+                                 fixed_input_size, ort_session)
 from utils.inference.detector import INPUT_NAME, OUTPUT_NAMES
 from utils.inference.postprocess import DEMO_POSTPROCESS
 
@@ -182,9 +182,19 @@ def compare_detections(name: str, reference: np.ndarray, candidate: np.ndarray, 
 
 
 def run_detection_graph(session, image_bgr: np.ndarray, score_threshold: float) -> np.ndarray:
-    """faces (K, 15) of one image at its own size (scale 1), from a detection-graph session."""
-    x = preprocess(image_bgr).unsqueeze(0).numpy()
-    return session.run([FACES_NAME], {INPUT_NAME: x, SCORE_THRESHOLD_NAME: np.array(score_threshold, np.float32)})[0]
+    """faces (K, 15) of one image, in its pixels, from a detection-graph session: the image at its own
+    size (scale 1), or letterboxed into a graph of fixed input size (--static_size)."""
+    height, width = session.get_inputs()[0].shape[2:]
+    scale = 1.0
+    if isinstance(height, int) and isinstance(width, int):
+        x, scale = letterbox(image_bgr, (height, width))
+    else:
+        x = preprocess(image_bgr)
+    faces = session.run([FACES_NAME], {INPUT_NAME: x.unsqueeze(0).numpy(),
+                                       SCORE_THRESHOLD_NAME: np.array(score_threshold, np.float32)})[0]
+    faces[:, :4] /= scale
+    faces[:, 5:] /= scale
+    return faces
 
 
 def check_detection_parity(model: nn.Module, path: PathLike, images: Dict[str, np.ndarray],
@@ -194,7 +204,7 @@ def check_detection_parity(model: nn.Module, path: PathLike, images: Dict[str, n
 
     settings = detection_settings(path)
     detector = FaceDetector(model, backend="torch", conf=score_threshold, nms=settings.nms_threshold,
-                            top_k=settings.top_k, keep_top_k=settings.keep_top_k)
+                            top_k=settings.top_k, keep_top_k=settings.keep_top_k, fixed_size=fixed_input_size(path))
     session = ort_session(path)
     return [compare_detections(name, detector.detect_array(image), run_detection_graph(session, image, score_threshold),
                                keep_top_k=detector.keep_top_k, nms_threshold=detector.nms)

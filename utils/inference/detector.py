@@ -184,10 +184,10 @@ class FaceDetector:
     for many inputs of one size, see TorchBackend).
     threads: intra-op threads for ONNX Runtime (the torch backend follows torch.set_num_threads).
     image_size: None runs each image at its own size; an int resizes so the shorter side is
-    that many pixels (longer side capped at `max_size` when given). An ONNX graph exported with a
-    fixed input size (--static_size) instead gets each image letterboxed into that size
-    (data.preprocess.letterbox; image_size and max_size do not apply). Boxes and landmarks are
-    returned in original-image pixels.
+    that many pixels (longer side capped at `max_size` when given). fixed_size (H, W), or an ONNX
+    graph exported with a fixed input size (--static_size), letterboxes each image into that size
+    instead (data.preprocess.letterbox; image_size and max_size do not apply). Boxes and landmarks
+    are returned in original-image pixels.
     """
 
     def __init__(self, weights: Union[str, Path, nn.Module], backend: str = "torch", device: str = "cpu",
@@ -195,7 +195,8 @@ class FaceDetector:
                  nms: float = DEMO_POSTPROCESS.nms_threshold, top_k: Optional[int] = DEMO_POSTPROCESS.top_k,
                  keep_top_k: Optional[int] = DEMO_POSTPROCESS.keep_top_k, max_size: Optional[int] = None,
                  threads: Optional[int] = None, fuse: bool = True, channels_last: Optional[bool] = None,
-                 pixel_inclusive_nms: bool = DEMO_POSTPROCESS.pixel_inclusive_nms, compile: bool = False) -> None:
+                 pixel_inclusive_nms: bool = DEMO_POSTPROCESS.pixel_inclusive_nms, compile: bool = False,
+                 fixed_size: Optional[Tuple[int, int]] = None) -> None:
         if backend == "auto":
             backend = backend_for(weights)
         if backend == "torch":
@@ -214,6 +215,10 @@ class FaceDetector:
             raise FeatherFaceError(f"unknown backend {backend!r}; use 'torch', 'onnx' or 'auto'")
         self.config = self.backend.config
         self.image_size, self.max_size = image_size, max_size
+        graph_size = getattr(self.backend, "fixed_size", None)
+        if fixed_size is not None and graph_size is not None and tuple(fixed_size) != graph_size:
+            raise FeatherFaceError(f"fixed_size {tuple(fixed_size)} differs from the graph's input size {graph_size}")
+        self.fixed_size = tuple(fixed_size) if fixed_size is not None else graph_size
         self.postprocess = PostProcessConfig(conf, nms, top_k, keep_top_k, pixel_inclusive_nms)
 
     # Short names of the post-processing settings (read-only views of self.postprocess).
@@ -242,12 +247,12 @@ class FaceDetector:
         image must get the same faces as `detect` on its own.
         """
         images = [as_bgr(image) for image in images]
-        fixed_size = getattr(self.backend, "fixed_size", None)
+        fixed_size = self.fixed_size
         if fixed_size is not None:
             if scale is not None:
-                raise FeatherFaceError(f"this ONNX graph takes one input size {fixed_size[0]}x{fixed_size[1]} "
-                                       f"(--static_size): it cannot run images at a given scale; export without "
-                                       f"--static_size for that")
+                raise FeatherFaceError(f"this detector letterboxes into one input size {fixed_size[0]}x"
+                                       f"{fixed_size[1]} (fixed_size, or a graph exported with --static_size): it "
+                                       f"cannot run images at a given scale; use a dynamic-size export for that")
             tensors, scales = map(list, zip(*(letterbox(im, fixed_size) for im in images))) if images else ([], [])
         else:
             scales = [self.scale_for(im) if scale is None else scale for im in images]

@@ -6,6 +6,8 @@ It feeds `model_postprocess.onnx` (network + prior boxes + decode + NMS in one g
 only work left here is preprocessing: BGR pixels minus the mean in deployment_config.json,
 laid out (1, 3, H, W) float32. The graph returns faces (K, 15): x1, y1, x2, y2, score and five
 landmarks (left eye, right eye, nose, left and right mouth corner) as (x, y), in input pixels.
+A package exported with --static_size has one input size (input.fixed_size in the config): each
+image is letterboxed into it and the faces are mapped back to the image's pixels.
 """
 import argparse
 import json
@@ -31,10 +33,24 @@ def to_input(image_bgr, mean_bgr):
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
 
+def letterbox(image_bgr, size, mean_bgr):
+    """For graphs of fixed input size (H, W): the image resized by the largest scale that fits, on a
+    canvas of the mean colour (0 after mean removal) at the top left. Returns (canvas, scale)."""
+    scale = min(size[0] / image_bgr.shape[0], size[1] / image_bgr.shape[1])
+    resized = cv2.resize(image_bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)[: size[0], : size[1]]
+    canvas = np.empty((size[0], size[1], 3), np.float32)
+    canvas[:] = np.asarray(mean_bgr, dtype=np.float32)
+    canvas[: resized.shape[0], : resized.shape[1]] = resized
+    return canvas, scale
+
+
 def detect(session, image_bgr, config, score_threshold, max_size=None):
     """faces (K, 15) in the pixels of `image_bgr`, highest score first."""
     scale = 1.0
-    if max_size and max(image_bgr.shape[:2]) > max_size:
+    fixed_size = config["input"].get("fixed_size")
+    if fixed_size:  # exported with --static_size: every image is letterboxed into that size
+        image_bgr, scale = letterbox(image_bgr, fixed_size, config["mean_bgr"])
+    elif max_size and max(image_bgr.shape[:2]) > max_size:
         scale = max_size / max(image_bgr.shape[:2])
         image_bgr = cv2.resize(image_bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
     min_side = config["input"]["min_side"]
