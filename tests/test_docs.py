@@ -115,14 +115,16 @@ def test_parameter_table_parser_reads_numbers():
 
 
 def readme_commands(text: str) -> List[str]:
-    """The command lines of the README's ```bash blocks (comments and continuation lines left out)."""
+    """The commands of the README's ```bash blocks, comments left out, continuation lines joined."""
     commands, in_bash, continued = [], False, False
     for line in text.splitlines():
         if line.startswith("```"):
             in_bash = line.strip() == "```bash"
             continued = False
             continue
-        if in_bash and line.strip() and not line.lstrip().startswith("#") and not continued:
+        if in_bash and continued:
+            commands[-1] = commands[-1].rstrip("\\ ") + " " + line.strip()
+        elif in_bash and line.strip() and not line.lstrip().startswith("#"):
             commands.append(line.strip())
         continued = in_bash and line.rstrip().endswith("\\")
     return commands
@@ -138,9 +140,12 @@ def test_readme_commands_name_files_that_exist_and_an_environment_that_has_them(
     # plain `python` is the venv's only when it is active: the set-up section must say so first
     activate = text.find(". .venv/bin/activate")
     assert 0 <= activate < text.find(plain[0]), "say how to activate .venv before the first plain command"
+    packages = []  # folders that an earlier command's --deployment_package DIR writes
     for command in commands:
         for script in re.findall(r"(?:python|torchrun [^ ]+ [^ ]+) ([\w/]+\.py)\b", command):
-            assert (ROOT / script).is_file(), f"README runs a missing script: {command}"
+            made = any(script == f"{folder}/usage_example.py" for folder in packages)
+            assert made or (ROOT / script).is_file(), f"README runs a missing script: {command}"
+        packages += re.findall(r"--deployment_package (?!-)(\S+)", command)
         for module in re.findall(r"python -m ([\w.]+)", command):
             if module not in ("venv", "pytest"):
                 path = ROOT / module.replace(".", "/")
