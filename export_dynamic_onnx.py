@@ -99,7 +99,6 @@ def main(args: argparse.Namespace) -> dict:
     config = model.config
     graph = dict(rewrite=not args.no_rewrites, deform=args.deform_form, stem_padded=args.pad_stem,
                  static_size=args.static_size)
-    fixed = (args.image_size, args.image_size) if args.static_size else None
     check_opset(config, args.opset, args.deform_form)
     calibration = find_images(args.calibration_images) if args.quantize else []
     if args.quantize and not args.calibration_images:
@@ -115,7 +114,7 @@ def main(args: argparse.Namespace) -> dict:
     form = "as built" if args.no_rewrites else (f"deployment rewrites, deformable convs: {args.deform_form}"
                                                 + (", stem padded to 16 channels" if args.pad_stem else ""))
     print(f"exporting {config.name} ({count_parameters(model):,} parameters), opset {args.opset}, traced at "
-          f"{args.image_size}x{args.image_size}{' (fixed)' if fixed else ''}, {form}", flush=True)
+          f"{args.image_size}x{args.image_size}{' (fixed)' if args.static_size else ''}, {form}", flush=True)
     # Everything is written to hidden folders beside the targets and moved into place only after
     # every check passed: a failed export leaves nothing behind.
     with staged(list(targets.values())) as paths:
@@ -135,7 +134,7 @@ def main(args: argparse.Namespace) -> dict:
             # An untrained network ties scores everywhere: its detection comparison cannot fail the export.
             failures, parity_report = verify_export(model, out["onnx"], out.get("postprocess"),
                                                     sample_images(SAMPLE_IMAGES), args.score_threshold,
-                                                    detections_decide=not args.random_init, fixed_size=fixed)
+                                                    detections_decide=not args.random_init)
         int8_path = out.get("int8")
         if int8_path:
             drift_images = sample_images(SAMPLE_IMAGES) or sample_images(Path(args.calibration_images))

@@ -13,7 +13,7 @@ from data.config import MEAN_BGR
 from data.preprocess import letterbox, preprocess
 from utils.deploy.export import (FACES_NAME, SCORE_THRESHOLD_NAME, ExportError, PathLike, detection_settings,
                                  fixed_input_size, ort_session)
-from utils.inference.detector import INPUT_NAME, OUTPUT_NAMES
+from utils.inference.detector import INPUT_NAME, OUTPUT_NAMES, session_input_size
 from utils.inference.postprocess import DEMO_POSTPROCESS
 
 # Parity limits (max |ORT - PyTorch|): scores are probabilities, boxes/landmarks regressions.
@@ -184,12 +184,8 @@ def compare_detections(name: str, reference: np.ndarray, candidate: np.ndarray, 
 def run_detection_graph(session, image_bgr: np.ndarray, score_threshold: float) -> np.ndarray:
     """faces (K, 15) of one image, in its pixels, from a detection-graph session: the image at its own
     size (scale 1), or letterboxed into a graph of fixed input size (--static_size)."""
-    height, width = session.get_inputs()[0].shape[2:]
-    scale = 1.0
-    if isinstance(height, int) and isinstance(width, int):
-        x, scale = letterbox(image_bgr, (height, width))
-    else:
-        x = preprocess(image_bgr)
+    fixed_size = session_input_size(session)
+    x, scale = letterbox(image_bgr, fixed_size) if fixed_size else (preprocess(image_bgr), 1.0)
     faces = session.run([FACES_NAME], {INPUT_NAME: x.unsqueeze(0).numpy(),
                                        SCORE_THRESHOLD_NAME: np.array(score_threshold, np.float32)})[0]
     faces[:, :4] /= scale
@@ -203,9 +199,10 @@ def check_detection_parity(model: nn.Module, path: PathLike, images: Dict[str, n
     from utils.inference.detector import FaceDetector
 
     settings = detection_settings(path)
-    detector = FaceDetector(model, backend="torch", conf=score_threshold, nms=settings.nms_threshold,
-                            top_k=settings.top_k, keep_top_k=settings.keep_top_k, fixed_size=fixed_input_size(path))
     session = ort_session(path)
+    detector = FaceDetector(model, backend="torch", conf=score_threshold, nms=settings.nms_threshold,
+                            top_k=settings.top_k, keep_top_k=settings.keep_top_k,
+                            fixed_size=session_input_size(session))
     return [compare_detections(name, detector.detect_array(image), run_detection_graph(session, image, score_threshold),
                                keep_top_k=detector.keep_top_k, nms_threshold=detector.nms)
             for name, image in images.items()]
@@ -219,11 +216,12 @@ def detection_graph_ok(diff: DetectionDiff, coord_tol: float = 1e-2, score_tol: 
 
 def verify_export(model: nn.Module, raw: PathLike, detection: Optional[PathLike], images: Dict[str, np.ndarray],
                   score_threshold: float = DEMO_POSTPROCESS.conf_threshold, detections_decide: bool = True,
-                  log=print, fixed_size: Optional[Tuple[int, int]] = None) -> Tuple[List[str], str]:
+                  log=print) -> Tuple[List[str], str]:
     """The export's checks: the raw graph vs PyTorch at PARITY_SHAPES (a graph of fixed input size:
     that size at batches 1, 2 and 4), and the detection graph (when given) vs the PyTorch pipeline on
     `images`, logged as they run. Returns (failures, parity table); detection mismatches count as
     failures only if `detections_decide`."""
+    fixed_size = fixed_input_size(raw)
     shapes = [(b, *fixed_size) for b in (1, 2, 4)] if fixed_size else PARITY_SHAPES
     rows = check_parity(model, raw, shapes)
     table = format_parity(rows)

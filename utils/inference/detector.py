@@ -129,6 +129,12 @@ def ort_session_options(threads: Optional[int] = None):
     return options
 
 
+def session_input_size(session) -> Optional[Tuple[int, int]]:
+    """(H, W) of an ONNX Runtime session's image input when fixed (--static_size), None when dynamic."""
+    height, width = session.get_inputs()[0].shape[2:]
+    return (height, width) if isinstance(height, int) and isinstance(width, int) else None
+
+
 class OnnxBackend:
     """Runs an exported raw-output graph with ONNX Runtime (CPU unless providers say otherwise)."""
 
@@ -148,9 +154,7 @@ class OnnxBackend:
             raise FeatherFaceError(f"{path} has no FeatherFace model config in its metadata; export it with export_dynamic_onnx.py")
         self.config = ModelConfig.from_dict(json.loads(meta[ONNX_CONFIG_KEY]))
         self.device = torch.device("cpu")
-        height, width = self.session.get_inputs()[0].shape[2:]
-        # A graph exported with --static_size takes one (H, W); FaceDetector letterboxes into it.
-        self.fixed_size = (height, width) if isinstance(height, int) and isinstance(width, int) else None
+        self.fixed_size = session_input_size(self.session)  # FaceDetector letterboxes into it
 
     def __call__(self, batch: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         outputs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch.numpy()})
@@ -253,7 +257,8 @@ class FaceDetector:
                 raise FeatherFaceError(f"this detector letterboxes into one input size {fixed_size[0]}x"
                                        f"{fixed_size[1]} (fixed_size, or a graph exported with --static_size): it "
                                        f"cannot run images at a given scale; use a dynamic-size export for that")
-            tensors, scales = map(list, zip(*(letterbox(im, fixed_size) for im in images))) if images else ([], [])
+            boxed = [letterbox(im, fixed_size) for im in images]
+            tensors, scales = [t for t, _ in boxed], [s for _, s in boxed]
         else:
             scales = [self.scale_for(im) if scale is None else scale for im in images]
             tensors = [preprocess(im, s) for im, s in zip(images, scales)]
