@@ -134,9 +134,21 @@ def upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def same_max_pool(x: torch.Tensor) -> torch.Tensor:
     """3x3 stride-2 max-pool with TF-"same" zero padding: (0 before, 1 after) on an even side,
-    (1, 1) on an odd one. (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))."""
+    (1, 1) on an odd one. (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2)).
+
+    Computed without padding the map: PyTorch's pool ignores its own padding (and, with
+    ceil_mode, the missing cells of the last window), so the windows that reach TF's zero
+    padding (the last row and column, and the first ones on an odd side) are then raised to 0
+    in place. Equal bit for bit to pooling the zero-padded map, and a copy of the map cheaper."""
     h, w = x.shape[-2], x.shape[-1]
-    return F.max_pool2d(F.pad(x, [w % 2, 1, h % 2, 1]), 3, 2)
+    out = F.max_pool2d(x, 3, 2, padding=(h % 2, w % 2), ceil_mode=True)
+    out[..., -1, :].clamp_(min=0)
+    out[..., -1].clamp_(min=0)
+    if h % 2:
+        out[..., 0, :].clamp_(min=0)
+    if w % 2:
+        out[..., 0].clamp_(min=0)
+    return out
 
 
 @torch.library.custom_op("featherface::same_max_pool", mutates_args=())

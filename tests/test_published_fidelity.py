@@ -121,6 +121,21 @@ def test_same_max_pool_equals_published_padding_rule(height):
         got = pool(x[..., :width])
         assert got.shape[-2:] == (math.ceil(height / 2), math.ceil(width / 2))
         assert torch.equal(got, expected), (height, width)
+        channels_last = x[..., :width].contiguous(memory_format=torch.channels_last)
+        assert torch.equal(pool(channels_last), expected), (height, width, "channels-last")
+
+
+def test_same_max_pool_gradients_equal_the_padded_pool():
+    """Training runs the unpadded pool too: its gradients are the padded pool's (distinct values,
+    so no ties; the windows raised to 0 pass no gradient, as the padding took them)."""
+    for height, width in [(8, 8), (7, 9), (5, 6), (1, 1), (2, 3)]:
+        x = (torch.randperm(2 * 3 * height * width).float().view(2, 3, height, width) - 20).requires_grad_()
+        weights = torch.randn(2, 3, math.ceil(height / 2), math.ceil(width / 2))
+        (SameMaxPool()(x) * weights).sum().backward()
+        grad = x.grad.clone()
+        x.grad = None
+        (published_same_pool(x) * weights).sum().backward()
+        assert torch.equal(grad, x.grad), (height, width)
 
 
 @pytest.fixture(scope="module")
