@@ -21,15 +21,21 @@ def channel_shuffle(x: torch.Tensor, groups: int, order: str = "standard") -> to
     "standard" (ShuffleNet): view (B, g, C/g, H, W) -> transpose. "official": the published
     FeatherFace ChannelShuffle2 views (B, C/g, g, H, W) -> transpose; for g=2 the two are
     inverse permutations, so a checkpoint trained with one is wrong with the other.
+
+    A channels-last map (eval-mode inference on the CPU) is shuffled along its innermost axis and
+    stays channels-last, so the convs after it keep oneDNN's fast layout (same values).
     """
     b, c, h, w = x.shape
     if order == "standard":
-        x = x.reshape(b, groups, c // groups, h, w)
+        split = (groups, c // groups)
     elif order == "official":
-        x = x.reshape(b, c // groups, groups, h, w)
+        split = (c // groups, groups)
     else:
         raise ValueError(f"unknown shuffle order {order!r}")
-    return x.transpose(1, 2).reshape(b, c, h, w)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        nhwc = x.permute(0, 2, 3, 1).reshape(b, h, w, *split)
+        return nhwc.transpose(3, 4).reshape(b, h, w, c).permute(0, 3, 1, 2)
+    return x.reshape(b, *split, h, w).transpose(1, 2).reshape(b, c, h, w)
 
 
 class ChannelShuffle(nn.Module):

@@ -23,15 +23,20 @@ from models.deform_conv import DeformableConv2d
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
-    """(s, t), each (C,), with bn(y) == y * s + t per channel for `bn` in eval mode."""
+    """(s, t), each (C,), with bn(y) == y * s + t per channel for `bn` in eval mode (computed in
+    `dtype` when given, else in the BN's own)."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("cannot fold a BatchNorm2d without running statistics (track_running_stats=False)")
-    dtype = dtype or bn.running_var.dtype
-    scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(dtype)
-    shift = bn.bias.to(dtype) if bn.bias is not None else torch.zeros_like(scale)
-    return scale, torch.addcmul(shift, bn.running_mean.to(dtype), scale, value=-1)
+    var, mean, gamma, beta = bn.running_var, bn.running_mean, bn.weight, bn.bias
+    if dtype is not None:  # converted only when asked: an eval-mode model folds on every call
+        var, mean = var.to(dtype), mean.to(dtype)
+        gamma, beta = [None if p is None else p.to(dtype) for p in (gamma, beta)]
+    scale = torch.rsqrt(var + bn.eps)
+    if gamma is not None:
+        scale = scale * gamma
+    if beta is None:
+        return scale, mean * -scale
+    return scale, torch.addcmul(beta, mean, scale, value=-1)
 
 
 def fold_bn(weight: Tensor, bias: Optional[Tensor], bn: nn.BatchNorm2d,
@@ -40,12 +45,13 @@ def fold_bn(weight: Tensor, bias: Optional[Tensor], bn: nn.BatchNorm2d,
     if bn.num_features != weight.shape[0]:
         raise ValueError(f"BatchNorm2d has {bn.num_features} channels, the conv gives {weight.shape[0]}")
     scale, shift = bn_scale_shift(bn, dtype)
-    dtype = dtype or weight.dtype
-    folded = weight.to(dtype) * scale.view(-1, *[1] * (weight.dim() - 1))
-    return folded, shift if bias is None else torch.addcmul(shift, bias.to(dtype), scale)
+    if dtype is not None:
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    folded = weight * scale.view(-1, *[1] * (weight.dim() - 1))
+    return folded, shift if bias is None else torch.addcmul(shift, bias, scale)
 
 
-# Folding costs a handful of tiny ops on the weights (~25 us on a CPU); a BN pass costs about
+# Folding costs a handful of tiny ops on the weights (~12 us on a CPU); a BN pass costs about
 # 0.5 ns per value of its map (estimated as BN channels x the conv's input H x W). Below this
 # many values per image the BN pass is cheaper.
 FOLD_MIN_VALUES = 2**16

@@ -63,6 +63,43 @@ def test_output_shapes_and_scores(models, name, batch, h, w):
     torch.testing.assert_close(cls.sum(-1), torch.ones(batch, n))
 
 
+@pytest.mark.parametrize("order", ["standard", "official"])
+@pytest.mark.parametrize("groups,shape", [(2, (2, 52, 7, 9)), (4, (1, 32, 5, 4)), (2, (1, 24, 1, 3))])
+def test_channel_shuffle_keeps_channels_last_and_values(order, groups, shape):
+    from models.context import channel_shuffle
+
+    x = torch.randn(shape)
+    expected = channel_shuffle(x, groups, order)
+    assert expected.is_contiguous()
+    got = channel_shuffle(x.contiguous(memory_format=torch.channels_last), groups, order)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_eval_forward_on_the_cpu_stays_channels_last(models, name):
+    """Every 4-D map of an eval-mode CPU forward is channels-last (oneDNN's fast layout): a module
+    that hands the next one a plain NCHW map makes the convs after it convert or run slower
+    (the channel shuffle did: the heads took twice as long)."""
+    plain = []
+
+    def check(module, inputs, output):
+        for out in output if isinstance(output, (tuple, list)) else [output]:
+            if (isinstance(out, torch.Tensor) and out.dim() == 4 and min(out.shape[-2:]) > 1
+                    and not out.is_contiguous(memory_format=torch.channels_last)):
+                plain.append((type(module).__name__, tuple(out.shape)))
+
+    model = models[name]
+    hooks = [m.register_forward_hook(check) for m in model.modules()]
+    try:
+        with torch.inference_mode():
+            model(torch.randn(1, 3, 96, 128))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert not plain, plain
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_training_mode_logits_and_backward_reaches_every_parameter(name):
     torch.manual_seed(1)
