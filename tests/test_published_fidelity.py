@@ -126,10 +126,11 @@ def test_same_max_pool_equals_published_padding_rule(height):
 
 
 def test_same_max_pool_gradients_equal_the_padded_pool():
-    """Training runs the unpadded pool too: its gradients are the padded pool's (distinct values,
-    so no ties; the windows raised to 0 pass no gradient, as the padding took them)."""
+    """Training runs the unpadded pool too: its gradients are the padded pool's (distinct values and
+    none exactly 0, so no ties, not even with the zero padding; the windows raised to 0 pass no
+    gradient, as the padding took them)."""
     for height, width in [(8, 8), (7, 9), (5, 6), (1, 1), (2, 3)]:
-        x = (torch.randperm(2 * 3 * height * width).float().view(2, 3, height, width) - 20).requires_grad_()
+        x = (torch.randperm(2 * 3 * height * width).float().view(2, 3, height, width) - 20.5).requires_grad_()
         weights = torch.randn(2, 3, math.ceil(height / 2), math.ceil(width / 2))
         (SameMaxPool()(x) * weights).sum().backward()
         grad = x.grad.clone()
