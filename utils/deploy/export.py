@@ -146,12 +146,17 @@ def set_metadata(path: PathLike, entries: Dict[str, str]) -> None:
     import onnx
 
     model = onnx.load(str(path))
+    _put_metadata(model, entries)
+    onnx.save(model, str(path))
+
+
+def _put_metadata(model, entries: Dict[str, str]) -> None:
+    """Add or replace metadata_props entries of a loaded onnx.ModelProto."""
     kept = [p for p in model.metadata_props if p.key not in entries]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     for key, value in entries.items():
         model.metadata_props.add(key=key, value=value)
-    onnx.save(model, str(path))
 
 
 def read_metadata(path: PathLike) -> Dict[str, str]:
@@ -317,25 +322,23 @@ def export_graphs(model: nn.Module, raw_path: PathLike, detection_path: PathLike
         onnx.utils.extract_model(str(combined), str(detection_path), [INPUT_NAME, SCORE_THRESHOLD_NAME], [FACES_NAME])
     finally:
         combined.unlink(missing_ok=True)
-    _fix_batch_one(detection_path)
     form = graph_form(rewrite, deform, stem_padded, (h, w) if static_size else None)
     set_metadata(raw_path, {**model_metadata(config), **form})
     settings = {"nms_threshold": graph.nms_threshold, "top_k": graph.top_k, "keep_top_k": graph.keep_top_k,
                 "batch": 1, "output": "faces (K, 15) [x1, y1, x2, y2, score, l0x, l0y, ..., l4x, l4y] in input pixels"}
-    set_metadata(detection_path, {**model_metadata(config), **form, DETECTION_KEY: json.dumps(settings)})
+    detection = onnx.load(str(detection_path))
+    _declare_batch_one(detection)
+    _put_metadata(detection, {**model_metadata(config), **form, DETECTION_KEY: json.dumps(settings)})
+    onnx.save(detection, str(detection_path))
     return raw_path, detection_path
 
 
-def _fix_batch_one(path: Path) -> None:
+def _declare_batch_one(model) -> None:
     """The detection graph reads image 0 only: declare its input batch as 1 so ORT rejects more."""
-    import onnx
-
-    model = onnx.load(str(path))
     for value in model.graph.input:
         if value.name == INPUT_NAME:
             value.type.tensor_type.shape.dim[0].Clear()
             value.type.tensor_type.shape.dim[0].dim_value = 1
-    onnx.save(model, str(path))
 
 
 def check_onnx_file(path: PathLike) -> None:
