@@ -165,6 +165,36 @@ def test_benchmark_quick_prints_table_and_json(tmp_path):
     assert "Same-run ratios to other.onnx" in result.stdout
 
 
+def test_cpu_busy_share_from_proc_stat(tmp_path):
+    from utils.timing import _cpu_times, busy_fraction, cpu_busy_before_run
+
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  100 0 50 800 50 0 0 0 7 0\ncpu0 50 0 25 400 25 0 0 0 0 0\n")
+    assert _cpu_times(str(stat)) == (150, 1000)
+    assert _cpu_times(str(tmp_path / "missing")) is None
+    assert busy_fraction((150, 1000), (450, 1400)) == 0.75  # 300 busy ticks of 400
+    assert busy_fraction((150, 1000), (150, 1000)) == 0.0
+    if Path("/proc/stat").exists():
+        busy = cpu_busy_before_run(0.05)
+        assert busy is not None and 0.0 <= busy <= 1.0
+
+
+def test_benchmark_warns_when_the_cpus_are_busy(tmp_path, monkeypatch, capsys):
+    import benchmark
+
+    monkeypatch.setattr(benchmark, "cpu_busy_before_run", lambda: 0.9)
+    report = tmp_path / "bench.json"
+    args = benchmark.get_args_parser().parse_args(
+        ["--quick", "--models", "--compare", str(tiny_onnx(tmp_path / "other.onnx")), "--json", str(report)])
+    benchmark.main(args)
+    assert "warning: 90% of the CPUs' time went to other work" in capsys.readouterr().err
+    assert json.loads(report.read_text())["machine"]["cpu_busy_at_start"] == 0.9
+    monkeypatch.setattr(benchmark, "cpu_busy_before_run", lambda: 0.05)
+    benchmark.main(args)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_ratios_are_per_round_and_matched_by_setting(monkeypatch):
     import utils.timing as timing
 

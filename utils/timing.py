@@ -237,6 +237,43 @@ def markdown_table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_times(stat_path: str = "/proc/stat") -> Optional[Tuple[int, int]]:
+    """(busy, total) clock ticks of all CPUs since boot (Linux /proc/stat), None elsewhere."""
+    try:
+        with open(stat_path) as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 4:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return total - idle, total
+
+
+def busy_fraction(before: Tuple[int, int], after: Tuple[int, int]) -> float:
+    """Share of CPU time spent busy between two `_cpu_times` readings (0..1)."""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return min(max(busy / total, 0.0), 1.0) if total > 0 else 0.0
+
+
+BUSY_WARNING = 0.3  # busy share of all CPUs, with this process idle, above which timings are suspect
+
+
+def cpu_busy_before_run(interval: float = 0.5) -> Optional[float]:
+    """Share of all CPUs busy with other work over `interval` seconds while this process sleeps
+    (None where /proc/stat is missing). Other work on the cores makes timings, and with several
+    threads the ratios of a same-run comparison too, unreliable: OpenMP and ONNX Runtime threads
+    that wait for a descheduled partner slow down many times (one FeatherFace SSH call took
+    330-490 ms beside a test run on this 2-core CPU, 9.4 ms alone)."""
+    before = _cpu_times()
+    if before is None:
+        return None
+    time.sleep(interval)
+    after = _cpu_times()
+    return None if after is None else busy_fraction(before, after)
+
+
 def machine_info() -> Dict:
     """Platform, CPU count, load and library versions, stored beside benchmark results."""
     import onnxruntime
