@@ -43,8 +43,8 @@ from utils.checkpoint import load_model
 from utils.inference.detector import OnnxBackend, TorchBackend, ort_session_options
 from utils.inference.memory import freed_memory_kept
 from utils.errors import FeatherFaceError, run_cli
-from utils.timing import (BUSY_WARNING, BenchConfig, count_flops, cpu_busy_before_run, machine_info, markdown_table,
-                          measure_configs, ratio_summary)
+from utils.timing import (BenchConfig, count_flops, cpu_busy_before_run, machine_info, markdown_table, measure_configs,
+                          ratio_summary)
 
 BACKENDS = ("torch", "compiled", "eager", "onnx", "onnx_plain")
 
@@ -100,12 +100,8 @@ def input_dims(path: Path) -> List[Optional[int]]:
 
 
 def main(args: argparse.Namespace) -> List[Dict]:
-    load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    busy = cpu_busy_before_run()
-    if busy is not None and busy > BUSY_WARNING:
-        print(f"warning: {busy:.0%} of the CPUs' time went to other work just before this run; timings, and "
-              f"with several threads the ratios too, can be many times off (run on an idle machine, or "
-              f"use --threads 1)", file=sys.stderr, flush=True)
+    at_start = {"load_avg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                "cpu_busy_at_start": cpu_busy_before_run(warn=True)}  # warns when other work holds the CPUs
     if args.quick:
         args.sizes, args.threads, args.batch, args.runs, args.warmup, args.rounds = [64], [1], [1], 3, 1, 2
     if (min(args.sizes) < 32 or min(args.batch) < 1 or min(args.threads) < 1 or args.runs < 1 or args.warmup < 0
@@ -149,8 +145,7 @@ def main(args: argparse.Namespace) -> List[Dict]:
     if args.compare:
         print(ratio_summary(rows, args.compare[0].name, args.rounds))
     if args.json:
-        machine = {**machine_info(), "load_avg_at_start": load_at_start, "cpu_busy_at_start": busy,
-                   "freed_memory_kept": freed_memory_kept()}
+        machine = {**machine_info(), **at_start, "freed_memory_kept": freed_memory_kept()}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": machine, "settings": vars(args), "results": rows},
                                         indent=1, default=str))

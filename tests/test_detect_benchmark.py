@@ -182,15 +182,17 @@ def test_cpu_busy_share_from_proc_stat(tmp_path):
 
 def test_benchmark_warns_when_the_cpus_are_busy(tmp_path, monkeypatch, capsys):
     import benchmark
+    import utils.timing
 
-    monkeypatch.setattr(benchmark, "cpu_busy_before_run", lambda: 0.9)
+    readings = [(150, 1000), (510, 1400)]  # (busy, total) ticks before and after: 360 of 400 busy
+    monkeypatch.setattr(utils.timing, "_cpu_times", lambda: readings.pop(0))
     report = tmp_path / "bench.json"
     args = benchmark.get_args_parser().parse_args(
         ["--quick", "--models", "--compare", str(tiny_onnx(tmp_path / "other.onnx")), "--json", str(report)])
     benchmark.main(args)
     assert "warning: 90% of the CPUs' time went to other work" in capsys.readouterr().err
     assert json.loads(report.read_text())["machine"]["cpu_busy_at_start"] == 0.9
-    monkeypatch.setattr(benchmark, "cpu_busy_before_run", lambda: 0.05)
+    readings[:] = [(150, 1000), (160, 1400)]  # 10 of 400: 2.5 % busy
     benchmark.main(args)
     assert "warning" not in capsys.readouterr().err
 

@@ -17,6 +17,7 @@ import ctypes
 import os
 import platform
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -260,18 +261,24 @@ def busy_fraction(before: Tuple[int, int], after: Tuple[int, int]) -> float:
 BUSY_WARNING = 0.3  # busy share of all CPUs, with this process idle, above which timings are suspect
 
 
-def cpu_busy_before_run(interval: float = 0.5) -> Optional[float]:
+def cpu_busy_before_run(interval: float = 0.5, warn: bool = False) -> Optional[float]:
     """Share of all CPUs busy with other work over `interval` seconds while this process sleeps
-    (None where /proc/stat is missing). Other work on the cores makes timings, and with several
-    threads the ratios of a same-run comparison too, unreliable: OpenMP and ONNX Runtime threads
-    that wait for a descheduled partner slow down many times (one FeatherFace SSH call took
-    330-490 ms beside a test run on this 2-core CPU, 9.4 ms alone)."""
+    (None where /proc/stat is missing); `warn`: say so on stderr above BUSY_WARNING. Other work
+    on the cores makes timings, and with several threads the ratios of a same-run comparison
+    too, unreliable: OpenMP and ONNX Runtime threads that wait for a descheduled partner slow
+    down many times (one FeatherFace SSH call took 330-490 ms beside a test run on this 2-core
+    CPU, 9.4 ms alone)."""
     before = _cpu_times()
     if before is None:
         return None
     time.sleep(interval)
     after = _cpu_times()
-    return None if after is None else busy_fraction(before, after)
+    busy = None if after is None else busy_fraction(before, after)
+    if warn and busy is not None and busy > BUSY_WARNING:
+        print(f"warning: {busy:.0%} of the CPUs' time went to other work just before this run; timings, and "
+              f"with several threads the ratios too, can be many times off (run on an idle machine, or use "
+              f"--threads 1)", file=sys.stderr, flush=True)
+    return busy
 
 
 def machine_info() -> Dict:
