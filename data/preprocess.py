@@ -60,12 +60,15 @@ def preprocess(image_bgr: np.ndarray, scale: float = 1.0) -> torch.Tensor:
     return chw.sub_(_MEAN_CHW)
 
 
-def letterbox(image_bgr: np.ndarray, size: Tuple[int, int]) -> Tuple[torch.Tensor, float]:
+def letterbox(image_bgr: np.ndarray, size: Tuple[int, int], scale: Optional[float] = None
+              ) -> Tuple[torch.Tensor, float]:
     """HxWx3 BGR image -> ((3, H, W) tensor, scale) for a network of fixed input size (H, W): the image
-    resized by the largest scale that fits it inside (H, W), then zero-padded bottom/right after mean
-    removal (as preprocess_batch pads), so box coordinates divided by `scale` are original pixels."""
+    resized by `scale` (default: the largest scale that fits it inside (H, W); what exceeds (H, W) is
+    cut off), then zero-padded bottom/right after mean removal (as preprocess_batch pads), so box
+    coordinates divided by `scale` are original pixels."""
     height, width = size
-    scale = min(height / image_bgr.shape[0], width / image_bgr.shape[1])
+    if scale is None:
+        scale = min(height / image_bgr.shape[0], width / image_bgr.shape[1])
     chw = preprocess(image_bgr, scale)
     out = chw.new_zeros(3, height, width)
     out[:, : chw.shape[1], : chw.shape[2]] = chw[:, :height, :width]

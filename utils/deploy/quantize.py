@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
-import torch
 
-from data.preprocess import IMAGE_SUFFIXES, preprocess, resize_scale
+from data.preprocess import IMAGE_SUFFIXES, letterbox, resize_scale
 from utils.deploy.export import ExportError, PathLike, ort_session, read_metadata, set_metadata
 from utils.deploy.parity import DetectionDiff, compare_detections
 from utils.inference.detector import INPUT_NAME
@@ -46,11 +45,8 @@ def sample_images(folder: PathLike, limit: int = 3) -> Dict[str, np.ndarray]:
 def fixed_size_input(image_bgr: np.ndarray, size: int) -> np.ndarray:
     """(1, 3, size, size) float32: longer side resized to `size`, zero-padded bottom/right after
     mean removal (the padding preprocess_batch uses)."""
-    scale = resize_scale(image_bgr.shape[0], image_bgr.shape[1], None, size)
-    chw = preprocess(image_bgr, scale)
-    out = torch.zeros(1, 3, size, size)
-    out[0, :, : chw.shape[1], : chw.shape[2]] = chw[:, :size, :size]
-    return out.numpy()
+    scale = resize_scale(image_bgr.shape[0], image_bgr.shape[1], None, size)  # only ever shrinks
+    return letterbox(image_bgr, (size, size), scale)[0].unsqueeze(0).numpy()
 
 
 def _calibration_reader(images: Sequence[Path], size: int):
