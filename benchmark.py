@@ -3,25 +3,23 @@
     python benchmark.py --compare ../shared/weights/retinaface_mnet025.onnx
     python benchmark.py --models v1 --weights weights/featherface_v1_original.pth --sizes 320 640 --threads 1 2
 
-For every model x input size (square) x batch x thread count x backend: median and p90 latency
-of the network call (the exact call FaceDetector makes; preprocessing, decode and NMS excluded)
-over --runs timed calls after --warmup untimed ones, throughput (images / total timed time),
-FLOPs and the peak resident-memory rise (see utils/timing.py for what each one counts).
-Backends: torch (FaceDetector's PyTorch path: the deployment form of utils/deploy/rewrites.py,
-channels-last on CPU), compiled (that path through torch.compile, as FaceDetector(compile=True) and
-detect.py --compile run it; it compiles in an untimed set-up call), eager (the model as built,
-`build_model(name).eval()` under inference_mode), onnx (the exported graph in ONNX Runtime's CPU
-provider), onnx_plain (the graph traced from the model as built).
-Random-init models unless --weights; ONNX files are exported to a temporary folder. The PyTorch
-backends keep freed memory in the process, as FaceDetector does (utils/inference/memory.py);
---system_malloc leaves glibc's defaults.
+For every model x input size (square) x batch x thread count x backend: median and p90 latency of the network call
+(the exact call FaceDetector makes; preprocessing, decode and NMS excluded) over --runs timed calls after --warmup
+untimed ones, throughput (images / total timed time), FLOPs and the peak resident-memory rise (see utils/timing.py for
+what each one counts). Backends: torch (FaceDetector's PyTorch path: the deployment form of utils/deploy/rewrites.py,
+channels-last on CPU), compiled (that path through torch.compile, as FaceDetector(compile=True) and detect.py
+--compile run it; it compiles in an untimed set-up call), eager (the model as built, `build_model(name).eval()` under
+inference_mode), onnx (the exported graph in ONNX Runtime's CPU provider), onnx_plain (the graph traced from the model
+as built). Random-init models unless --weights; ONNX files are exported to a temporary folder. The PyTorch backends
+keep freed memory in the process, as FaceDetector does (utils/inference/memory.py); --system_malloc leaves glibc's
+defaults.
 
---compare BASELINE.onnx (e.g. RetinaFace-mnet0.25) times the baseline in the same run and adds
-each configuration's ratio to the baseline at the same size, batch and threads. In each of
---rounds interleaved rounds every configuration's block of calls runs right after a block of the
-baseline's (each block starting with an untimed call); the ratio is the median over rounds of the
-model's block median / the paired baseline block's median, with the range over rounds, so a
-machine whose speed drifts (a shared host) still gives comparable figures.
+--compare BASELINE.onnx (e.g. RetinaFace-mnet0.25) times the baseline in the same run and adds each configuration's
+ratio to the baseline at the same size, batch and threads. In each of --rounds interleaved rounds every
+configuration's block of calls runs right after a block of the baseline's (each block starting with an untimed call);
+the ratio is the median over rounds of the model's block median / the paired baseline block's median, with the range
+over rounds, so a machine whose speed drifts (a shared host) still gives comparable figures. The run warns when other
+work held the CPUs just before it, or the hypervisor took a share of their time during it (--json stores both).
 """
 from __future__ import annotations
 
@@ -43,8 +41,8 @@ from utils.checkpoint import load_model
 from utils.inference.detector import OnnxBackend, TorchBackend, ort_session_options
 from utils.inference.memory import freed_memory_kept
 from utils.errors import FeatherFaceError, run_cli
-from utils.timing import (BenchConfig, count_flops, cpu_busy_before_run, machine_info, markdown_table, measure_configs,
-                          ratio_summary)
+from utils.timing import (BenchConfig, count_flops, cpu_busy_before_run, cpu_steal_during, machine_info, markdown_table,
+                          measure_configs, ratio_summary)
 
 BACKENDS = ("torch", "compiled", "eager", "onnx", "onnx_plain")
 
@@ -140,12 +138,13 @@ def main(args: argparse.Namespace) -> List[Dict]:
                           "onnx": lambda p=onnx_paths.get("onnx"), t=threads: OnnxBackend(p, threads=t),
                           "onnx_plain": lambda p=onnx_paths.get("onnx_plain"), t=threads: OnnxBackend(p, threads=t)}
                 configs.append(BenchConfig(label, backend, threads, batch, (s, s), flops[s], makers[backend]))
-        rows = measure_configs(configs, args.runs, args.warmup, args.rounds, log=None if args.quiet else log)
+        with cpu_steal_during(warn=True) as during:  # warns when the hypervisor took much of the CPUs' time
+            rows = measure_configs(configs, args.runs, args.warmup, args.rounds, log=None if args.quiet else log)
     print(markdown_table(rows))
     if args.compare:
         print(ratio_summary(rows, args.compare[0].name, args.rounds))
     if args.json:
-        machine = {**machine_info(), **at_start, "freed_memory_kept": freed_memory_kept()}
+        machine = {**machine_info(), **at_start, **during, "freed_memory_kept": freed_memory_kept()}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": machine, "settings": vars(args), "results": rows},
                                         indent=1, default=str))

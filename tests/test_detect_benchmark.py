@@ -165,36 +165,67 @@ def test_benchmark_quick_prints_table_and_json(tmp_path):
     assert "Same-run ratios to other.onnx" in result.stdout
 
 
-def test_cpu_busy_share_from_proc_stat(tmp_path):
-    from utils.timing import _cpu_times, busy_fraction, cpu_busy_before_run
+def test_cpu_busy_and_steal_shares_from_proc_stat(tmp_path):
+    from utils.timing import CpuTicks, _cpu_times, busy_fraction, cpu_busy_before_run, steal_fraction
 
     stat = tmp_path / "stat"
     # user nice system idle iowait irq softirq steal guest guest_nice
-    stat.write_text("cpu  100 0 50 800 50 0 0 0 7 0\ncpu0 50 0 25 400 25 0 0 0 0 0\n")
-    assert _cpu_times(str(stat)) == (150, 1000)
+    stat.write_text("cpu  100 0 50 800 50 0 0 30 7 0\ncpu0 50 0 25 400 25 0 0 15 0 0\n")
+    assert _cpu_times(str(stat)) == CpuTicks(busy=180, total=1030, steal=30)
+    stat.write_text("cpu  100 0 50 800\n")  # an old kernel: no iowait, irq, softirq or steal columns
+    assert _cpu_times(str(stat)) == CpuTicks(150, 950, 0)
     assert _cpu_times(str(tmp_path / "missing")) is None
-    assert busy_fraction((150, 1000), (450, 1400)) == 0.75  # 300 busy ticks of 400
-    assert busy_fraction((150, 1000), (150, 1000)) == 0.0
+    assert busy_fraction(CpuTicks(150, 1000, 0), CpuTicks(450, 1400, 0)) == 0.75  # 300 busy ticks of 400
+    assert busy_fraction(CpuTicks(150, 1000, 0), CpuTicks(150, 1000, 0)) == 0.0
+    assert steal_fraction(CpuTicks(150, 1000, 20), CpuTicks(450, 1400, 70)) == 0.125  # 50 stolen of 400
+    assert steal_fraction(CpuTicks(150, 1000, 20), CpuTicks(150, 1000, 20)) == 0.0
     if Path("/proc/stat").exists():
         busy = cpu_busy_before_run(0.05)
         assert busy is not None and 0.0 <= busy <= 1.0
 
 
-def test_benchmark_warns_when_the_cpus_are_busy(tmp_path, monkeypatch, capsys):
-    import benchmark
+def _fake_proc_stat(monkeypatch, readings):
     import utils.timing
 
-    readings = [(150, 1000), (510, 1400)]  # (busy, total) ticks before and after: 360 of 400 busy
-    monkeypatch.setattr(utils.timing, "_cpu_times", lambda: readings.pop(0))
+    # benchmark.main reads /proc/stat twice for the busy share before the run, twice for the steal during it.
+    monkeypatch.setattr(utils.timing, "_cpu_times", lambda: utils.timing.CpuTicks(*readings.pop(0)))
+
+
+def test_benchmark_warns_when_the_cpus_are_busy(tmp_path, monkeypatch, capsys):
+    import benchmark
+
+    readings = [(150, 1000, 0), (510, 1400, 0), (0, 0, 0), (0, 100, 0)]  # 360 of 400 ticks busy before the run
+    _fake_proc_stat(monkeypatch, readings)
     report = tmp_path / "bench.json"
     args = benchmark.get_args_parser().parse_args(
         ["--quick", "--models", "--compare", str(tiny_onnx(tmp_path / "other.onnx")), "--json", str(report)])
     benchmark.main(args)
     assert "warning: 90% of the CPUs' time went to other work" in capsys.readouterr().err
     assert json.loads(report.read_text())["machine"]["cpu_busy_at_start"] == 0.9
-    readings[:] = [(150, 1000), (160, 1400)]  # 10 of 400: 2.5 % busy
+    readings[:] = [(150, 1000, 0), (160, 1400, 0), (0, 0, 0), (0, 100, 0)]  # 10 of 400: 2.5 % busy
     benchmark.main(args)
     assert "warning" not in capsys.readouterr().err
+
+
+def test_benchmark_warns_when_the_hypervisor_takes_cpu_time(tmp_path, monkeypatch, capsys):
+    import benchmark
+
+    # Idle before the run; during it 25 of 200 ticks stolen (12.5 %), then 4 of 200 (2 %).
+    readings = [(0, 0, 0), (0, 100, 0), (500, 1000, 40), (690, 1200, 65)]
+    _fake_proc_stat(monkeypatch, readings)
+    report = tmp_path / "bench.json"
+    args = benchmark.get_args_parser().parse_args(
+        ["--quick", "--models", "--compare", str(tiny_onnx(tmp_path / "other.onnx")), "--json", str(report)])
+    benchmark.main(args)
+    err = capsys.readouterr().err
+    assert "warning: the hypervisor took 12% of the CPUs' time during the timed run (steal)" in err
+    assert "went to other work" not in err
+    machine = json.loads(report.read_text())["machine"]
+    assert machine["cpu_steal_during_run"] == 0.125 and machine["cpu_busy_at_start"] == 0.0
+    readings[:] = [(0, 0, 0), (0, 100, 0), (500, 1000, 40), (690, 1200, 44)]
+    benchmark.main(args)
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads(report.read_text())["machine"]["cpu_steal_during_run"] == 0.02
 
 
 def test_ratios_are_per_round_and_matched_by_setting(monkeypatch):

@@ -21,7 +21,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -238,8 +238,16 @@ def markdown_table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_times(stat_path: str = "/proc/stat") -> Optional[Tuple[int, int]]:
-    """(busy, total) clock ticks of all CPUs since boot (Linux /proc/stat), None elsewhere."""
+class CpuTicks(NamedTuple):
+    """Clock ticks of all CPUs since boot (Linux /proc/stat)."""
+
+    busy: int  # not idle: user, nice, system, irq, softirq and steal
+    total: int
+    steal: int  # taken by the hypervisor for other virtual machines while this one wanted to run
+
+
+def _cpu_times(stat_path: str = "/proc/stat") -> Optional[CpuTicks]:
+    """All CPUs' ticks since boot (Linux /proc/stat), None elsewhere."""
     try:
         with open(stat_path) as f:
             fields = [int(v) for v in f.readline().split()[1:]]
@@ -249,10 +257,10 @@ def _cpu_times(stat_path: str = "/proc/stat") -> Optional[Tuple[int, int]]:
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
-    return total - idle, total
+    return CpuTicks(total - idle, total, fields[7] if len(fields) > 7 else 0)
 
 
-def busy_fraction(before: Tuple[int, int], after: Tuple[int, int]) -> float:
+def busy_fraction(before: CpuTicks, after: CpuTicks) -> float:
     """Share of CPU time spent busy between two `_cpu_times` readings (0..1)."""
     busy, total = after[0] - before[0], after[1] - before[1]
     return min(max(busy / total, 0.0), 1.0) if total > 0 else 0.0
@@ -279,6 +287,36 @@ def cpu_busy_before_run(interval: float = 0.5, warn: bool = False) -> Optional[f
               f"with several threads the ratios too, can be many times off (run on an idle machine, or use "
               f"--threads 1)", file=sys.stderr, flush=True)
     return busy
+
+
+STEAL_WARNING = 0.05  # share of all CPUs' time taken by the hypervisor during a run, above which we say so
+
+
+def steal_fraction(before: CpuTicks, after: CpuTicks) -> float:
+    """Share of all CPUs' time between two `_cpu_times` readings that the hypervisor took (0..1)."""
+    total = after.total - before.total
+    return min(max((after.steal - before.steal) / total, 0.0), 1.0) if total > 0 else 0.0
+
+
+@contextmanager
+def cpu_steal_during(warn: bool = False) -> Iterator[Dict[str, Optional[float]]]:
+    """Yields a dict that holds, once the block has run, "cpu_steal_during_run": the share of all
+    CPUs' time the hypervisor took for other virtual machines while the block ran (None where
+    /proc/stat is missing). `warn`: say so on stderr above STEAL_WARNING. On the 2-core virtual
+    machines here it was 13 % during one 8-second ONNX Runtime comparison: stolen time lands on
+    some calls and not on others, so latencies and the rounds' ratios spread (see their ranges),
+    whatever the machine's own load."""
+    result: Dict[str, Optional[float]] = {"cpu_steal_during_run": None}
+    before = _cpu_times()
+    yield result
+    after = _cpu_times()
+    if before is None or after is None:
+        return
+    steal = result["cpu_steal_during_run"] = round(steal_fraction(before, after), 4)
+    if warn and steal > STEAL_WARNING:
+        print(f"warning: the hypervisor took {steal:.0%} of the CPUs' time during the timed run (steal): calls "
+              f"slowed unevenly, so latencies and ratios vary more than on a dedicated machine (see the ratio "
+              f"ranges; rerun, or use more --rounds)", file=sys.stderr, flush=True)
 
 
 def machine_info() -> Dict:
