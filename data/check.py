@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import cv2
 import numpy as np
 
+from data.preprocess import truncation_problem
 from data.wider_face import (LabelRecord, PathLike, Problem, image_problems, read_label_file,
                              resolve_image_path)
 
@@ -95,23 +96,6 @@ class CheckReport:
         return (f"{self.label_file}: {len(self.problems)} problem(s) ({checked}{self.counts()}). Training "
                 f"refuses to start; with --skip_bad_samples it leaves out the {len(self.bad_samples)} image(s) "
                 f"with a problem and the {self.bad_faces} unusable face line(s)")
-
-
-def truncation_problem(data: bytes) -> Optional[str]:
-    """Why a JPEG or PNG file is cut short, or None.
-
-    Decoders fill a truncated image with grey and return it with only a warning on stderr,
-    so the file's structure is checked: a JPEG must have its end-of-image marker (FF D9)
-    after its last start-of-scan (FF DA; inside the scan data an FF byte is always stuffed,
-    so neither marker occurs by accident), a PNG its IEND chunk. Other formats: None.
-    """
-    if data[:2] == b"\xff\xd8":
-        if data.rfind(b"\xff\xd9") < max(data.rfind(b"\xff\xda"), 0):
-            return "JPEG is truncated (no end-of-image marker after the image data)"
-    elif data[:8] == b"\x89PNG\r\n\x1a\n":
-        if data.rfind(b"IEND") < 0:
-            return "PNG is truncated (no IEND chunk)"
-    return None
 
 
 # Bump whenever probe_image's checks change, so that cached outcomes are decoded again.

@@ -5,6 +5,7 @@ no scaling: input = float32(BGR) - (104, 117, 123), laid out CHW.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
 import cv2
@@ -18,6 +19,41 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 _MEAN = np.asarray(MEAN_BGR, dtype=np.float32)
 _MEAN_CHW = torch.tensor(MEAN_BGR, dtype=torch.float32).view(3, 1, 1)
+
+
+def truncation_problem(data: bytes) -> Optional[str]:
+    """Why a JPEG or PNG file is cut short, or None.
+
+    Decoders fill a truncated image with grey and return it with only a warning on stderr,
+    so the file's structure is checked: a JPEG must have its end-of-image marker (FF D9)
+    after its last start-of-scan (FF DA; inside the scan data an FF byte is always stuffed,
+    so neither marker occurs by accident), a PNG its IEND chunk. Other formats: None.
+    """
+    if data[:2] == b"\xff\xd8":
+        if data.rfind(b"\xff\xd9") < max(data.rfind(b"\xff\xda"), 0):
+            return "JPEG is truncated (no end-of-image marker after the image data)"
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        if data.rfind(b"IEND") < 0:
+            return "PNG is truncated (no IEND chunk)"
+    return None
+
+
+def read_image(path: Union[str, Path]) -> Tuple[Optional[np.ndarray], str]:
+    """(HxWx3 BGR uint8 image, "") exactly as cv2.imread decodes it, or (None, why) for a file that
+    is missing, cannot be decoded or is truncated: cv2.imread returns a cut-short JPEG or PNG filled
+    with grey and says so only on stderr, which would give a demo, an evaluation or a calibration
+    faces of a grey half-image without a word."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return None, f"cannot read the file ({exc.strerror or exc})"
+    truncated = truncation_problem(data)
+    if truncated:
+        return None, truncated
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        return None, "cannot decode the image (empty, corrupt or an unsupported format)"
+    return image, ""
 
 
 def _check_bgr(image_bgr: np.ndarray) -> None:

@@ -571,3 +571,32 @@ def test_truncated_images_are_problems(tmp_path):
                                                "JPEG is truncated", "PNG is truncated (no IEND chunk)")):
         assert text in problem.message, problem
     assert report.bad_samples == {1, 2, 3}
+
+
+def test_read_image_refuses_what_cv2_imread_would_return_grey(tmp_path):
+    """data.preprocess.read_image, used by detect.py, test_widerface.py and INT8 calibration."""
+    from data.preprocess import read_image
+    from utils.deploy.export import ExportError
+    from utils.deploy.quantize import load_image
+
+    source = REPO / "data" / "sample" / "images" / "group_8.jpg"
+    full = source.read_bytes()
+    image, why = read_image(source)
+    assert why == "" and np.array_equal(image, cv2.imread(str(source), cv2.IMREAD_COLOR))  # the same decode
+    png = cv2.imencode(".png", image)[1].tobytes()
+    ok, thumb = cv2.imencode(".jpg", np.full((8, 8, 3), 128, np.uint8))
+    cases = {"cut.jpg": (full[:5000], "JPEG is truncated"),
+             "cut_thumb.jpg": (_truncated_jpeg_with_thumbnail(full, thumb.tobytes(), 40000), "JPEG is truncated"),
+             "cut.png": (png[: len(png) - 20], "PNG is truncated"),
+             "empty.jpg": (b"", "cannot decode the image"),
+             "text.png": (b"not an image", "cannot decode the image")}
+    for name, (data, reason) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        image, why = read_image(tmp_path / name)
+        assert image is None and reason in why, (name, why)
+    image, why = read_image(tmp_path / "missing.jpg")
+    assert image is None and why.startswith("cannot read the file")
+    (tmp_path / "whole.png").write_bytes(png)
+    assert np.array_equal(read_image(tmp_path / "whole.png")[0], cv2.imread(str(source)))
+    with pytest.raises(ExportError, match="cut.jpg: JPEG is truncated"):
+        load_image(tmp_path / "cut.jpg")

@@ -42,13 +42,19 @@ def test_detect_folder_with_a_corrupt_file(real_checkpoint, tmp_path):
     inputs.mkdir()
     (inputs / "group_8.jpg").write_bytes((SAMPLE / "group_8.jpg").read_bytes())
     (inputs / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    whole = (SAMPLE / "crowd_27.jpg").read_bytes()
+    (inputs / "cut_short.jpg").write_bytes(whole[: len(whole) // 2])  # cv2.imread fills the rest with grey
+    png = cv2.imencode(".png", cv2.imread(str(SAMPLE / "group_8.jpg")))[1].tobytes()
+    (inputs / "cut_short.png").write_bytes(png[: len(png) - 100])  # no IEND chunk
     (inputs / "notes.txt").write_text("not an image: ignored")
     result = run_script("detect.py", "--weights", str(real_checkpoint), "--input", str(inputs), "--output", str(out),
                         "--image_size", "384", "--threads", "1")
     assert result.returncode == 0, result.stderr
     assert "broken.jpg" in result.stderr  # reported, not fatal
+    assert "cut_short.jpg: JPEG is truncated" in result.stderr and "cut_short.png: PNG is truncated" in result.stderr
     report = json.loads((out / "detections.json").read_text())
-    assert [Path(e["file"]).name for e in report["errors"]] == ["broken.jpg"]
+    assert [Path(e["file"]).name for e in report["errors"]] == ["broken.jpg", "cut_short.jpg", "cut_short.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["detections.json", "group_8.jpg"]  # nothing drawn for them
     (image,) = report["images"]
     assert Path(image["file"]).name == "group_8.jpg" and (image["width"], image["height"]) == (1024, 768)
     assert len(image["faces"]) == 8 and all(f["score"] > 0.5 for f in image["faces"])

@@ -251,12 +251,14 @@ def test_save_pr_curves_reports_unwritable_file(real_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def made_up(tmp_path_factory):
-    """A dataset in the WIDER layout: the shipped sample photos plus one corrupt JPEG (sorted
-    first, so the run must continue past it), and a random-init V2 checkpoint."""
+    """A dataset in the WIDER layout: the shipped sample photos plus a corrupt JPEG and a JPEG cut
+    short (sorted first, so the run must continue past them), and a random-init V2 checkpoint."""
     root = tmp_path_factory.mktemp("made_up")
     images = root / "images"
     (images / "0--Broken").mkdir(parents=True)
     (images / "0--Broken" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    whole = (SAMPLE_IMAGES / "group_8.jpg").read_bytes()  # cv2.imread would decode this one, grey below the cut
+    (images / "0--Broken" / "cut_short.jpg").write_bytes(whole[: len(whole) // 2])
     shutil.copytree(SAMPLE_IMAGES, images / "1--Sample")
     torch.manual_seed(0)
     weights = root / "v2_random.pth"
@@ -273,10 +275,10 @@ def made_up_args(made_up, save_folder, *extra):
 def test_random_v2_writes_consistent_files_and_skips_corrupt_image(made_up, tmp_path):
     save = tmp_path / "pred"
     results, out = run_main(test_widerface, made_up_args(made_up, save))
-    assert results["prediction"]["unreadable"] == ["0--Broken/corrupt.jpg"]
-    assert "0--Broken/corrupt.jpg" in out and "unreadable" in out
+    assert results["prediction"]["unreadable"] == ["0--Broken/corrupt.jpg", "0--Broken/cut_short.jpg"]
+    assert "0--Broken/corrupt.jpg" in out and "0--Broken/cut_short.jpg" in out and "unreadable" in out
     names = sorted(p.name for p in SAMPLE_IMAGES.iterdir())
-    assert prediction_files(save) == [f"1--Sample/{Path(n).stem}.txt" for n in names]  # none for the corrupt one
+    assert prediction_files(save) == [f"1--Sample/{Path(n).stem}.txt" for n in names]  # none for the broken two
     assert results["prediction"]["written"] == len(names)
     detector = published_protocol_detector(made_up[1], image_size=160)
     for name in names:

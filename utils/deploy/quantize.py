@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from data.preprocess import IMAGE_SUFFIXES, letterbox, resize_scale
+from data.preprocess import IMAGE_SUFFIXES, letterbox, read_image, resize_scale
 from utils.deploy.export import ExportError, PathLike, ort_session, read_metadata, set_metadata
 from utils.deploy.parity import DetectionDiff, compare_detections
 from utils.inference.detector import INPUT_NAME
@@ -27,19 +27,17 @@ def find_images(folder: PathLike) -> List[Path]:
     return images
 
 
-def read_image(path: PathLike) -> np.ndarray:
-    import cv2
-
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+def load_image(path: PathLike) -> np.ndarray:
+    image, why = read_image(path)
     if image is None:
-        raise ExportError(f"cannot read image {path}")
+        raise ExportError(f"cannot use image {path}: {why}")
     return image
 
 
 def sample_images(folder: PathLike, limit: int = 3) -> Dict[str, np.ndarray]:
     """The first `limit` images of `folder` by file name ({} when the folder does not exist)."""
     folder = Path(folder)
-    return {p.name: read_image(p) for p in (find_images(folder)[:limit] if folder.is_dir() else [])}
+    return {p.name: load_image(p) for p in (find_images(folder)[:limit] if folder.is_dir() else [])}
 
 
 def fixed_size_input(image_bgr: np.ndarray, size: int) -> np.ndarray:
@@ -60,7 +58,7 @@ def _calibration_reader(images: Sequence[Path], size: int):
 
         def get_next(self):
             path = next(self._paths, None)
-            return None if path is None else {INPUT_NAME: fixed_size_input(read_image(path), size)}
+            return None if path is None else {INPUT_NAME: fixed_size_input(load_image(path), size)}
 
     return ImageReader()
 

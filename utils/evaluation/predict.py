@@ -24,11 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.preprocess import IMAGE_SUFFIXES
+from data.preprocess import IMAGE_SUFFIXES, read_image
 from utils.errors import FeatherFaceError
 from utils.evaluation.tta import detect_with_tta
 from utils.evaluation.widerface_eval import (WiderFaceEvalError, WiderFaceResult, evaluate_predictions, image_key,
@@ -173,10 +172,10 @@ def predict_images(detector, dataset_folder: PathLike, images: Sequence[str], sa
             summary.skipped += 1
             continue
         start = time.perf_counter()
-        image = cv2.imread(str(Path(dataset_folder) / relative), cv2.IMREAD_COLOR)
+        image, why = read_image(Path(dataset_folder) / relative)
         if image is None:
             summary.unreadable.append(relative)
-            tqdm.write(f"warning: cannot read image {Path(dataset_folder) / relative}; no prediction file written")
+            tqdm.write(f"warning: {Path(dataset_folder) / relative}: {why}; no prediction file written")
             continue
         detections = detect_with_tta(detector, image, flip, scales)
         write_prediction_file(out, name, to_xywh_score(detections, integer_boxes), integer_boxes)

@@ -9,7 +9,7 @@ from typing import Dict, List
 import cv2
 from tqdm import tqdm
 
-from data.preprocess import IMAGE_SUFFIXES
+from data.preprocess import IMAGE_SUFFIXES, read_image
 from utils.errors import FeatherFaceError
 from utils.inference.detector import FaceDetector
 from utils.inference.visualize import draw_faces, has_display, show_image
@@ -39,9 +39,9 @@ class MediaRunner:
         return out
 
     def image(self, path: Path) -> None:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        image, why = read_image(path)
         if image is None:
-            return self.fail(path, "cannot read the image (missing, corrupt or unsupported format)")
+            return self.fail(path, why)
         faces = self.detector.detect(image)
         annotated = draw_faces(image, faces)
         out = self.target(path, path.suffix if path.suffix.lower() in IMAGE_SUFFIXES else ".jpg")
