@@ -328,6 +328,15 @@ def test_deployment_package_usage_example_runs_as_shipped(v2, v2_package, tmp_pa
     drawn = cv2.imread(str(out_image))
     assert drawn.shape == cv2.imread(str(GROUP)).shape and not np.array_equal(drawn, cv2.imread(str(GROUP)))
 
+    # A photo cut short: one clear error, exit 1, nothing written (OpenCV alone would decode it grey-filled).
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(GROUP.read_bytes()[:20000])
+    proc = subprocess.run([sys.executable, str(v2_package / "usage_example.py"), str(cut), "--output",
+                           str(tmp_path / "cut_out.jpg")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "cut.jpg: JPEG is truncated" in proc.stderr, proc.stderr
+    assert not (tmp_path / "cut_out.jpg").exists()
+
 
 def test_int8_quantization_keeps_metadata_and_detections_close(v2, tmp_path):
     _, raw, _ = v2

@@ -27,6 +27,23 @@ def load_config(path):
         return json.load(f)
 
 
+def read_image(path):
+    """The image as OpenCV decodes it; exits with an error for a missing or undecodable file and for a
+    JPEG or PNG cut short, which OpenCV would return with grey in place of the missing part."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"error: cannot read {path}: {exc.strerror or exc}")
+    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < max(data.rfind(b"\xff\xda"), 0):
+        raise SystemExit(f"error: {path}: JPEG is truncated (no end-of-image marker after the image data)")
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data:
+        raise SystemExit(f"error: {path}: PNG is truncated (no IEND chunk)")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise SystemExit(f"error: cannot decode image {path} (corrupt or unsupported format)")
+    return image
+
+
 def to_input(image_bgr, mean_bgr):
     """HxWx3 uint8 BGR -> (1, 3, H, W) float32, mean removed, no scaling."""
     x = image_bgr.astype(np.float32) - np.asarray(mean_bgr, dtype=np.float32)
@@ -96,9 +113,7 @@ def get_args_parser():
 
 def main(args):
     config = load_config(args.config)
-    image = cv2.imread(args.image, cv2.IMREAD_COLOR)
-    if image is None:
-        raise SystemExit(f"error: cannot read image {args.image}")
+    image = read_image(args.image)
     threshold = config["thresholds"]["score"] if args.threshold is None else args.threshold
     options = ort.SessionOptions()
     if args.threads:
