@@ -35,10 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-import cv2
-import numpy as np
-
-from data.preprocess import truncation_problem
+from data.preprocess import read_image
 from data.wider_face import (LabelRecord, PathLike, Problem, image_problems, read_label_file,
                              resolve_image_path)
 
@@ -105,15 +102,9 @@ Probe = Tuple[int, int, str]  # (width, height, why the image is unusable or "")
 
 def probe_image(path: Path) -> Probe:
     """Decode one image fully (the only reliable test): its size, or why it cannot be used."""
-    data = path.read_bytes()
-    # (cv2.imread, which training uses, fills a truncated JPEG with grey; imdecode refuses it.)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    truncated = truncation_problem(data)
-    if image is None or image.size == 0:
-        why = f"; {truncated}" if truncated else ""
-        return 0, 0, f"image cannot be decoded (corrupt or not an image{why}): {path}"
-    if truncated:
-        return 0, 0, f"{truncated}: {path}"
+    image, why = read_image(path)
+    if image is None:
+        return 0, 0, f"{why}: {path}"
     height, width = image.shape[:2]
     return width, height, ""
 

@@ -39,20 +39,24 @@ def truncation_problem(data: bytes) -> Optional[str]:
 
 
 def read_image(path: Union[str, Path]) -> Tuple[Optional[np.ndarray], str]:
-    """(HxWx3 BGR uint8 image, "") exactly as cv2.imread decodes it, or (None, why) for a file that
-    is missing, cannot be decoded or is truncated: cv2.imread returns a cut-short JPEG or PNG filled
-    with grey and says so only on stderr, which would give a demo, an evaluation or a calibration
-    faces of a grey half-image without a word."""
+    """(HxWx3 BGR uint8 image, "") decoded as cv2.imread decodes it (EXIF orientation applied), or
+    (None, why) for a file that cannot be read, is empty, cannot be decoded or is cut short:
+    cv2.imread returns a truncated JPEG or PNG filled with grey and says so only on stderr. The
+    file is read once; training's pre-flight check (data/check.py), the demo, evaluation and INT8
+    calibration all use this."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         return None, f"cannot read the file ({exc.strerror or exc})"
+    if not data:
+        return None, "image file is empty (0 bytes)"
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     truncated = truncation_problem(data)
+    if image is None or image.size == 0:
+        why = f"; {truncated}" if truncated else ""
+        return None, f"image cannot be decoded (corrupt or not an image{why})"
     if truncated:
         return None, truncated
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None or image.size == 0:
-        return None, "cannot decode the image (empty, corrupt or an unsupported format)"
     return image, ""
 
 

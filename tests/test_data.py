@@ -588,8 +588,9 @@ def test_read_image_refuses_what_cv2_imread_would_return_grey(tmp_path):
     cases = {"cut.jpg": (full[:5000], "JPEG is truncated"),
              "cut_thumb.jpg": (_truncated_jpeg_with_thumbnail(full, thumb.tobytes(), 40000), "JPEG is truncated"),
              "cut.png": (png[: len(png) - 20], "PNG is truncated"),
-             "empty.jpg": (b"", "cannot decode the image"),
-             "text.png": (b"not an image", "cannot decode the image")}
+             "empty.jpg": (b"", "image file is empty"),
+             "text.png": (b"not an image", "image cannot be decoded (corrupt or not an image)"),
+             "garbage.jpg": (b"\xff\xd8 not really a JPEG", "image cannot be decoded (corrupt or not an image; JPEG is")}
     for name, (data, reason) in cases.items():
         (tmp_path / name).write_bytes(data)
         image, why = read_image(tmp_path / name)
@@ -598,5 +599,13 @@ def test_read_image_refuses_what_cv2_imread_would_return_grey(tmp_path):
     assert image is None and why.startswith("cannot read the file")
     (tmp_path / "whole.png").write_bytes(png)
     assert np.array_equal(read_image(tmp_path / "whole.png")[0], cv2.imread(str(source)))
-    with pytest.raises(ExportError, match="cut.jpg: JPEG is truncated"):
+    # An EXIF orientation tag (6: rotate 90 degrees clockwise) is applied as cv2.imread applies it.
+    tiff = b"MM\x00*\x00\x00\x00\x08\x00\x01" + b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00" + b"\x00" * 4
+    exif = b"Exif\x00\x00" + tiff
+    (tmp_path / "rotated.jpg").write_bytes(full[:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + full[2:])
+    image, why = read_image(tmp_path / "rotated.jpg")
+    assert why == "" and image.shape == (1024, 768, 3)
+    assert np.array_equal(image, cv2.imread(str(tmp_path / "rotated.jpg"), cv2.IMREAD_COLOR))
+    # cv2.imdecode refuses what cv2.imread returned grey-filled; the reason names the truncation.
+    with pytest.raises(ExportError, match=r"cut.jpg: image cannot be decoded \(corrupt or not an image; JPEG is truncated"):
         load_image(tmp_path / "cut.jpg")

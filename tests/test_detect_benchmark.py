@@ -51,7 +51,8 @@ def test_detect_folder_with_a_corrupt_file(real_checkpoint, tmp_path):
                         "--image_size", "384", "--threads", "1")
     assert result.returncode == 0, result.stderr
     assert "broken.jpg" in result.stderr  # reported, not fatal
-    assert "cut_short.jpg: JPEG is truncated" in result.stderr and "cut_short.png: PNG is truncated" in result.stderr
+    for name, cut in (("cut_short.jpg", "JPEG is truncated"), ("cut_short.png", "PNG is truncated")):
+        assert f"{name}: image cannot be decoded (corrupt or not an image; {cut}" in result.stderr
     report = json.loads((out / "detections.json").read_text())
     assert [Path(e["file"]).name for e in report["errors"]] == ["broken.jpg", "cut_short.jpg", "cut_short.png"]
     assert sorted(p.name for p in out.iterdir()) == ["detections.json", "group_8.jpg"]  # nothing drawn for them

@@ -260,10 +260,15 @@ def _cpu_times(stat_path: str = "/proc/stat") -> Optional[CpuTicks]:
     return CpuTicks(total - idle, total, fields[7] if len(fields) > 7 else 0)
 
 
+def _tick_share(before: CpuTicks, after: CpuTicks, part: str) -> float:
+    """Share (0..1) of all CPUs' ticks between two `_cpu_times` readings counted in field `part`."""
+    total = after.total - before.total
+    return min(max((getattr(after, part) - getattr(before, part)) / total, 0.0), 1.0) if total > 0 else 0.0
+
+
 def busy_fraction(before: CpuTicks, after: CpuTicks) -> float:
     """Share of CPU time spent busy between two `_cpu_times` readings (0..1)."""
-    busy, total = after[0] - before[0], after[1] - before[1]
-    return min(max(busy / total, 0.0), 1.0) if total > 0 else 0.0
+    return _tick_share(before, after, "busy")
 
 
 BUSY_WARNING = 0.3  # busy share of all CPUs, with this process idle, above which timings are suspect
@@ -294,8 +299,7 @@ STEAL_WARNING = 0.05  # share of all CPUs' time taken by the hypervisor during a
 
 def steal_fraction(before: CpuTicks, after: CpuTicks) -> float:
     """Share of all CPUs' time between two `_cpu_times` readings that the hypervisor took (0..1)."""
-    total = after.total - before.total
-    return min(max((after.steal - before.steal) / total, 0.0), 1.0) if total > 0 else 0.0
+    return _tick_share(before, after, "steal")
 
 
 @contextmanager

@@ -38,9 +38,9 @@ def read_image(path):
         raise SystemExit(f"error: {path}: JPEG is truncated (no end-of-image marker after the image data)")
     if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data:
         raise SystemExit(f"error: {path}: PNG is truncated (no IEND chunk)")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if image is None:
-        raise SystemExit(f"error: cannot decode image {path} (corrupt or unsupported format)")
+        raise SystemExit(f"error: cannot decode image {path} (empty, corrupt or unsupported format)")
     return image
 
 
