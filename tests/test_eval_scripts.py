@@ -168,7 +168,7 @@ def test_multiscale_tta_scales_are_factors_on_the_base_scale():
     detector = BrightBoxDetector(base_scale=0.5)
     detect_with_tta(detector, image, flip=True, scales=[1.0, 2.0])
     assert detector.scales == [0.5, 0.5, 1.0, 1.0]  # (plain, flipped) per factor
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(FeatherFaceError, match="positive"):
         detect_with_tta(detector, image, scales=[0.0])
 
 
@@ -322,6 +322,56 @@ def test_resume_skips_and_overwrite_rewrites(made_up, tmp_path):
     assert all(f.stat().st_mtime != old for f in files)
 
 
+def test_partial_overwrite_with_other_settings_is_refused(made_up, tmp_path):
+    # --overwrite for a subset with new settings would leave the other files under a record
+    # claiming the new settings: refused, and nothing is rewritten; the whole set is allowed.
+    save = tmp_path / "pred"
+    run_main(test_widerface, made_up_args(made_up, save))
+    files = {f: (save / f).read_bytes() for f in prediction_files(save)}
+    record = (tmp_path / "pred_settings.json").read_text()
+    listing = tmp_path / "one.txt"
+    listing.write_text("1--Sample/group_8.jpg\n")
+    with pytest.raises(FeatherFaceError, match=r"would leave 2 prediction file\(s\) of the earlier settings"):
+        run_main(test_widerface, made_up_args(made_up, save, "--overwrite", "--image_list", listing,
+                                              "--confidence_threshold", "0.5"))
+    assert {f: (save / f).read_bytes() for f in prediction_files(save)} == files
+    assert (tmp_path / "pred_settings.json").read_text() == record
+    results, _ = run_main(test_widerface, made_up_args(made_up, save, "--overwrite", "--image_list", listing))
+    assert results["prediction"]["written"] == 1  # same settings: a partial overwrite is harmless
+    results, _ = run_main(test_widerface, made_up_args(made_up, save, "--overwrite", "--confidence_threshold", "0.5"))
+    assert results["prediction"]["written"] == len(files)
+    assert json.loads((tmp_path / "pred_settings.json").read_text())["confidence_threshold"] == 0.5
+
+
+def test_images_sharing_a_prediction_file_are_refused(made_up, tmp_path, capsys):
+    images = tmp_path / "images"
+    (images / "1--Ev" / "sub").mkdir(parents=True)
+    shutil.copy(SAMPLE_IMAGES / "group_8.jpg", images / "1--Ev" / "x.jpg")
+    shutil.copy(SAMPLE_IMAGES / "astronaut.png", images / "1--Ev" / "x.png")
+    shutil.copy(SAMPLE_IMAGES / "group_8.jpg", images / "1--Ev" / "sub" / "deep.jpg")
+    args = made_up_args(made_up, tmp_path / "pred")
+    args[args.index("--dataset_folder") + 1] = images
+    with pytest.raises(FeatherFaceError, match="1--Ev/x.jpg and 1--Ev/x.png would both write"):
+        run_main(test_widerface, args)
+    assert not (tmp_path / "pred").exists()
+    assert list_images(images) == ["1--Ev/x.jpg", "1--Ev/x.png"]
+    assert "1 image(s) in sub-folders of an event are not predicted" in capsys.readouterr().out
+
+
+def test_bad_sizes_and_scales_stop_before_the_model_loads(made_up, tmp_path, capsys):
+    for extra, message in ((["--image_size", "0"], "error: image_size must be a positive"),
+                           (["--max_size", "-5"], "error: max_size must be a positive"),
+                           (["--scales", "0", "1"], "error: --scales must all be positive")):
+        args = test_widerface.get_args_parser().parse_args([str(a) for a in made_up_args(made_up, tmp_path / "p")]
+                                                            + extra)
+        args.weights = str(made_up[1])
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(test_widerface.main, args)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "p_settings.json").exists()
+
+
 def test_tta_run_matches_direct_tta_call(made_up, tmp_path):
     save = tmp_path / "pred"
     run_main(test_widerface, made_up_args(made_up, save, "--flip", "--scales", "1", "0.5"))
@@ -455,6 +505,30 @@ def test_subset_and_missing_files_in_evaluation(real_run, tmp_path):
     assert (evaluated, total) == (4, 3226) and result["hard"] < real_run["results"]["hard"]
     with pytest.raises(WiderFaceEvalError, match="not in the validation ground truth"):
         evaluate_images(save, real_run["gt_dir"], listed + ["0--Parade/not_a_val_image.jpg"])
+
+
+def test_resumed_subset_without_easy_faces_reports_the_other_aps(real_run, tmp_path):
+    # 11_26 has no easy face (2 medium, 35 hard): easy AP is undefined, the others are reported;
+    # nothing is predicted again, and results.json is strict JSON (null, never NaN).
+    shutil.copytree(real_run["root"] / "out", tmp_path / "out")
+    listing = tmp_path / "no_easy.txt"
+    listing.write_text("11--Meeting/11_Meeting_Meeting_11_Meeting_Meeting_11_26.jpg\n")
+    results, out = run_main(test_widerface, [
+        "--weights", real_run["weights"], "--dataset_folder", real_run["sample"] / "images", "--image_list", listing,
+        "--gt_dir", real_run["gt_dir"], "--save_folder", tmp_path / "out" / "predictions", "--quiet"])
+    assert "0 image(s) predicted, 1 already done" in out
+    assert "Easy   Val AP: n/a (none of the evaluated images has a face of this setting)" in out
+    assert 0 < results["medium"] <= 1 and 0 < results["hard"] <= 1 and results["easy"] is None
+
+    def no_constants(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    saved = json.loads((tmp_path / "out" / "results.json").read_text(), parse_constant=no_constants)
+    assert saved["easy"] is None and saved["prediction"]["seconds_per_image"] is None
+    assert saved["hard"] == results["hard"]
+    png = cv2.imread(str(tmp_path / "out" / "pr_curves.png"))
+    assert not (png == SETTING_COLORS["easy"]).all(axis=2).any()  # no easy curve
+    assert (png == SETTING_COLORS["hard"]).all(axis=2).sum() > 100
 
 
 # ---------------------------------------------------------------------------- comparison

@@ -113,6 +113,17 @@ def test_no_predictions_give_ap_zero(tmp_path):
     assert np.isnan(result.precision["easy"]).all() and (result.recall["easy"] == 0).all()
 
 
+def test_setting_without_faces_has_undefined_ap(tmp_path):
+    # A subset may hold no face of one setting (622 val images have no easy face): that AP is
+    # undefined (NaN; None in JSON; "n/a" printed), the other settings are scored as usual.
+    keep = {"easy": [], "medium": [1], "hard": [1, 2]}
+    result = single_image_result(tmp_path, [A, B], [A + [0.9], FAR + [0.5]], keep)
+    assert np.isnan(result["easy"]) and np.isnan(result.precision["easy"]).all()
+    assert result["medium"] == pytest.approx(1.0) and result["hard"] == pytest.approx(0.5)
+    assert result.to_dict() == {"easy": None, "medium": pytest.approx(1.0), "hard": pytest.approx(0.5)}
+    assert result.lines()[0].startswith("Easy   Val AP: n/a") and result.lines()[2] == "Hard   Val AP: 0.5000"
+
+
 def test_ignored_faces_are_not_penalised(tmp_path):
     keep = {"easy": [1], "medium": [1], "hard": [1, 2]}
     # Detecting the ignored face B (even first) costs nothing; missing it costs nothing either.

@@ -106,9 +106,10 @@ def draw_pr_curves(curves: Sequence[Curve], size: Tuple[int, int] = (800, 600), 
 
 
 def setting_curves(result) -> list:
-    """Easy / medium / hard curves of a `WiderFaceResult`, labelled with their APs."""
+    """Easy / medium / hard curves of a `WiderFaceResult`, labelled with their APs (a setting
+    without faces among the evaluated images has no curve)."""
     return [Curve(f"{s.capitalize():<6} AP {result.ap[s]:.4f}", result.recall[s], result.precision[s],
-                  SETTING_COLORS[s]) for s in SETTING_COLORS]
+                  SETTING_COLORS[s]) for s in SETTING_COLORS if np.isfinite(result.ap[s])]
 
 
 def save_pr_curves(result, path: Union[str, Path], title: str = "WIDER FACE val",

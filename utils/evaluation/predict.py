@@ -53,10 +53,16 @@ def list_images(dataset_folder: PathLike, image_list: Optional[PathLike] = None)
     if stray:
         raise FeatherFaceError(f"{root} holds images directly ({stray[0]}, ...); expected the WIDER layout "
                                f"<event>/<image>.jpg (point --dataset_folder at WIDER_val/images)")
-    images = sorted(f"{event.name}/{p.name}" for event in root.iterdir() if event.is_dir()
+    events = [event for event in root.iterdir() if event.is_dir()]
+    images = sorted(f"{event.name}/{p.name}" for event in events
                     for p in event.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise FeatherFaceError(f"no <event>/<image>.jpg images under {root}")
+    deeper = sorted(p for event in events for sub in event.iterdir() if sub.is_dir()
+                    for p in sub.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if deeper:
+        print(f"warning: {len(deeper)} image(s) in sub-folders of an event are not predicted (e.g. {deeper[0]}); "
+              f"the WIDER layout is <event>/<image>.jpg")
     return images
 
 
@@ -114,18 +120,49 @@ def settings_path(save_folder: PathLike) -> Path:
     return folder.with_name(folder.name + "_settings.json")
 
 
-def check_settings(save_folder: PathLike, settings: Dict[str, object], overwrite: bool) -> None:
-    """Record the run's settings; refuse to resume a folder written with other settings."""
+def check_settings(save_folder: PathLike, settings: Dict[str, object], overwrite: bool,
+                   rewritten: Sequence[Path] = ()) -> None:
+    """Record the run's settings; refuse to resume a folder written with other settings, and
+    refuse to overwrite only part of one (`rewritten`: the files this run writes), which would
+    leave files of the old settings under the new record."""
     path = settings_path(save_folder)
-    if path.is_file() and not overwrite:
-        previous = json.loads(path.read_text())
+    if not path.is_file():
+        changed: List[str] = []
+    else:
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError:
+            previous = {}  # unreadable record: the folder's settings are unknown
         changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-        if changed:
+    if changed and not overwrite:
+        raise FeatherFaceError(
+            f"{save_folder} holds predictions made with other settings ({', '.join(changed)} differ, see {path}); "
+            f"pass --overwrite to redo them or choose another --save_folder")
+    if changed:
+        redone = {p.resolve() for p in rewritten}
+        stale = sorted(p for p in Path(save_folder).glob("*/*.txt") if p.resolve() not in redone)
+        if stale:
             raise FeatherFaceError(
-                f"{save_folder} holds predictions made with other settings ({', '.join(changed)} differ, see {path}); "
-                f"pass --overwrite to redo them or choose another --save_folder")
+                f"--overwrite with other settings ({', '.join(changed)} differ, see {path}) would leave {len(stale)} "
+                f"prediction file(s) of the earlier settings in {save_folder} that this run does not redo (e.g. "
+                f"{stale[0]}); predict those images too, delete the files, or choose another --save_folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def prediction_files(save_folder: PathLike, images: Sequence[str]) -> List[Path]:
+    """The prediction file of each image; two images that would share one (same event and
+    name, different extension) are an error rather than one silently skipping the other."""
+    owner: Dict[Path, str] = {}
+    for relative in images:
+        out = prediction_path(save_folder, *image_key(relative))
+        if out in owner and owner[out] == relative:
+            raise FeatherFaceError(f"{relative} is listed twice")
+        if out in owner:
+            raise FeatherFaceError(f"{owner[out]} and {relative} would both write {out} (the official layout names a "
+                                   f"prediction by event and image name without extension); rename one of them")
+        owner[out] = relative
+    return list(owner)
 
 
 def _is_complete(path: Path) -> bool:
@@ -149,7 +186,8 @@ class PredictionSummary:
         return self.seconds / self.written if self.written else float("nan")
 
     def to_dict(self) -> Dict[str, object]:
-        return {**asdict(self), "seconds_per_image": self.seconds_per_image}
+        """For JSON: seconds_per_image is None when nothing was predicted (strict JSON has no NaN)."""
+        return {**asdict(self), "seconds_per_image": self.seconds_per_image if self.written else None}
 
 
 def predict_images(detector, dataset_folder: PathLike, images: Sequence[str], save_folder: PathLike,
@@ -161,13 +199,14 @@ def predict_images(detector, dataset_folder: PathLike, images: Sequence[str], sa
 
     With `model_id` the settings are checked against the folder's previous run (check_settings).
     """
+    outputs = prediction_files(save_folder, images)
     if model_id is not None:
-        check_settings(save_folder, detection_settings(detector, model_id, flip, scales, integer_boxes), overwrite)
+        check_settings(save_folder, detection_settings(detector, model_id, flip, scales, integer_boxes), overwrite,
+                       outputs)
     summary = PredictionSummary()
-    bar = tqdm(images, desc="predict", unit="img", disable=None if progress else True)
-    for relative in bar:
-        event, name = image_key(relative)
-        out = prediction_path(save_folder, event, name)
+    bar = tqdm(list(zip(images, outputs)), desc="predict", unit="img", disable=None if progress else True)
+    for relative, out in bar:
+        name = out.stem
         if not overwrite and out.is_file() and _is_complete(out):
             summary.skipped += 1
             continue

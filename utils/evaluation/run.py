@@ -13,7 +13,7 @@ from torch import nn
 from utils.errors import FeatherFaceError
 from utils.evaluation.pr_plot import save_pr_curves
 from utils.evaluation.predict import NO_LIMIT, evaluate_images, list_images, predict_images, published_protocol_detector
-from utils.evaluation.widerface_eval import SETTINGS, load_ground_truth, select_images
+from utils.evaluation.widerface_eval import load_ground_truth, select_images
 from utils.inference.detector import FaceDetector
 from utils.inference.postprocess import WIDER_POSTPROCESS
 
@@ -54,7 +54,11 @@ def add_inference_args(parser: argparse.ArgumentParser, require_dataset: bool = 
 
 
 def input_size(args: argparse.Namespace) -> Tuple[Optional[int], Optional[int]]:
-    """(image_size, max_size) for the detector from --origin_size / --image_size / --max_size."""
+    """(image_size, max_size) for the detector from --origin_size / --image_size / --max_size
+    (also checks --scales, so that a bad value stops the run before the model loads; FaceDetector
+    checks the sizes)."""
+    if args.scales and any(not s > 0 for s in args.scales):
+        raise FeatherFaceError(f"--scales must all be positive, got {' '.join(map(str, args.scales))}")
     if args.image_size is not None:
         if args.origin_size:
             raise FeatherFaceError("--origin_size and --image_size exclude each other; give one")
@@ -99,8 +103,7 @@ def run_widerface(args: argparse.Namespace, detector: FaceDetector, label: str, 
     subset = images if args.image_list else None
     result, evaluated, total = evaluate_images(save_folder, args.gt_dir, subset, args.allow_missing)
     print(f"evaluated on {evaluated} of {total} val images")
-    for setting in SETTINGS:
-        print(f"{setting.capitalize():<6} Val AP: {result[setting]:.4f}")
+    print("\n".join(result.lines()))
     results.update(result.to_dict(), images_evaluated=evaluated, images_total=total, result=result)
     results_json = results_json or save_folder.parent / "results.json"
     results_json.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from data.augment import LANDMARK_FLIP_ORDER
+from utils.errors import FeatherFaceError
 from utils.inference.postprocess import DETECTION_COLUMNS, nms_order
 
 
@@ -54,7 +55,7 @@ def detect_with_tta(detector, image: np.ndarray, flip: bool = False,
     """
     factors = [1.0] if not scales else [float(s) for s in scales]
     if any(f <= 0 for f in factors):
-        raise ValueError(f"TTA scales must be positive, got {list(factors)}")
+        raise FeatherFaceError(f"TTA scales must be positive, got {list(factors)}")
     if not flip and factors == [1.0]:
         return detector.detect_array(image)
     base = detector.scale_for(image)

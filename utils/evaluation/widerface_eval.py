@@ -80,8 +80,15 @@ class WiderFaceResult:
     def __getitem__(self, setting: str) -> float:
         return self.ap[setting]
 
-    def to_dict(self) -> Dict[str, float]:
-        return {s: float(self.ap[s]) for s in SETTINGS}
+    def to_dict(self) -> Dict[str, Optional[float]]:
+        """APs for JSON: None for a setting without faces among the evaluated images (AP undefined)."""
+        return {s: float(self.ap[s]) if math.isfinite(self.ap[s]) else None for s in SETTINGS}
+
+    def lines(self) -> List[str]:
+        """One printed line per setting, e.g. 'Easy   Val AP: 0.9270'."""
+        return [f"{s.capitalize():<6} Val AP: " + (f"{self.ap[s]:.4f}" if math.isfinite(self.ap[s]) else
+                                                   "n/a (none of the evaluated images has a face of this setting)")
+                for s in SETTINGS]
 
 
 def score_thresholds() -> np.ndarray:
@@ -418,8 +425,10 @@ def evaluate_predictions(
     for setting in SETTINGS:
         keep = np.concatenate([image.keep[setting] for image in images] + [np.zeros(0, dtype=bool)])
         count_face = int(keep.sum())
-        if count_face == 0:
-            raise WiderFaceEvalError(f"the {setting} setting has no faces to evaluate")
+        if count_face == 0:  # a subset without faces of this setting: its AP is undefined, not 0
+            precisions[setting] = recalls[setting] = np.full(len(thresholds), np.nan)
+            aps[setting] = math.nan
+            continue
         # Predictions matched to an ignored face leave the proposals; the rest stay.
         dropped = (prop_face_all >= 0) & ~keep[np.maximum(prop_face_all, 0)]
         proposals = _count_at_least(prop_score_all[~dropped], thresholds)
@@ -473,8 +482,7 @@ def main(args: argparse.Namespace) -> WiderFaceResult:
     result = evaluate(args.pred, args.gt, allow_missing=args.allow_missing, iou_thresh=args.iou_thresh, images=images)
     if images is not None:
         print(f"evaluated on {len(images)} listed image(s)")
-    for setting in SETTINGS:
-        print(f"{setting.capitalize():<6} Val AP: {result[setting]:.4f}")
+    print("\n".join(result.lines()))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -201,6 +201,9 @@ class FaceDetector:
                  threads: Optional[int] = None, fuse: bool = True, channels_last: Optional[bool] = None,
                  pixel_inclusive_nms: bool = DEMO_POSTPROCESS.pixel_inclusive_nms, compile: bool = False,
                  fixed_size: Optional[Tuple[int, int]] = None) -> None:
+        for name, size in (("image_size", image_size), ("max_size", max_size)):
+            if size is not None and not size > 0:
+                raise FeatherFaceError(f"{name} must be a positive number of pixels, got {size}")
         if backend == "auto":
             backend = backend_for(weights)
         if backend == "torch":
