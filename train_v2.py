@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from models import build_model
-from utils.errors import run_cli
+from utils.errors import non_negative_float, non_negative_int, positive_float, run_cli, unit_float
 from utils.training.distillation import DistillationTrainer
 from utils.training.trainer import DEFAULT_BACKBONE, add_training_args, load_backbone_if_any, set_seed
 
@@ -27,16 +27,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained_backbone", default=DEFAULT_BACKBONE,
                         help="ImageNet MobileNetV1-0.25 weights for the student ('none' = from scratch)")
     g = parser.add_argument_group("distillation")
-    g.add_argument("--temperature", type=float, default=4.0, help="softmax temperature T (class KD is scaled by T^2)")
-    g.add_argument("--alpha_initial", type=float, default=0.8, help="distillation weight at epoch 0")
-    g.add_argument("--alpha_final", type=float, default=0.5, help="distillation weight at the last epoch")
-    g.add_argument("--kd_conf_threshold", type=float, default=0.5,
+    g.add_argument("--temperature", type=positive_float, default=4.0, help="softmax temperature T (class KD is scaled by T^2)")
+    g.add_argument("--alpha_initial", type=unit_float, default=0.8, help="distillation weight at epoch 0")
+    g.add_argument("--alpha_final", type=unit_float, default=0.5, help="distillation weight at the last epoch")
+    g.add_argument("--kd_conf_threshold", type=unit_float, default=0.5,
                    help="teacher face probability above which box/landmark outputs are distilled")
-    g.add_argument("--early_stopping_patience", type=int, default=20, help="epochs without improvement (halved in epochs 100-120)")
-    g.add_argument("--min_epoch", type=int, default=100, help="never stop early before this epoch")
-    g.add_argument("--mixup_alpha", type=float, default=0.2, help="MixUp Beta(alpha, alpha) (0 = off)")
-    g.add_argument("--mixup_prob", type=float, default=0.5, help="probability a batch is mixed up")
-    g.add_argument("--cutmix_prob", type=float, default=0.5, help="per-image CutMix probability on batches not mixed up")
+    g.add_argument("--early_stopping_patience", type=non_negative_int, default=20, help="epochs without improvement (halved in epochs 100-120)")
+    g.add_argument("--min_epoch", type=non_negative_int, default=100, help="never stop early before this epoch")
+    g.add_argument("--mixup_alpha", type=non_negative_float, default=0.2, help="MixUp Beta(alpha, alpha) (0 = off)")
+    g.add_argument("--mixup_prob", type=unit_float, default=0.5, help="probability a batch is mixed up")
+    g.add_argument("--cutmix_prob", type=unit_float, default=0.5, help="per-image CutMix probability on batches not mixed up")
     add_training_args(parser, epochs=400, name="featherface_v2")
     parser.set_defaults(gradient_clip=1.0, decay1=250, decay2=350)
     return parser

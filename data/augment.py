@@ -20,7 +20,7 @@ import torch
 import torch.utils.data
 
 from data.config import MEAN_BGR
-from data.preprocess import preprocess
+from data.preprocess import letterbox, preprocess
 
 __all__ = [
     "CROP_SCALES", "LANDMARK_FLIP_ORDER", "as_generator", "landmark_labels", "make_targets",
@@ -248,15 +248,16 @@ class TrainTransform:
 
 
 class ValTransform:
-    """Deterministic: pad to square with the mean colour, resize to `image_size`, normalise.
+    """Deterministic: resize so the longer side is `image_size`, pad bottom/right to a square
+    with the mean colour (0 after normalisation), normalise (data.preprocess.letterbox). Same
+    geometry as padding to a square first, without building the padded full-size image (a
+    100x16000 panorama would need a 16000x16000 one).
 
     Boxes are clipped to the image; faces with no area left are dropped.
     """
 
-    def __init__(self, image_size: int = 640, rgb_mean: Sequence[float] = MEAN_BGR,
-                 min_face_size: float = 0.0) -> None:
+    def __init__(self, image_size: int = 640, min_face_size: float = 0.0) -> None:
         self.image_size = int(image_size)
-        self.rgb_mean = tuple(float(v) for v in rgb_mean)
         self.min_face_size = float(min_face_size)
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray,
@@ -267,6 +268,5 @@ class ValTransform:
         boxes = _clip_boxes(np.asarray(boxes, dtype=np.float32), width, height)
         side = max(height, width)
         keep = _keep_large(boxes, self.image_size / side, self.min_face_size)
-        image = cv2.resize(pad_to_square(image, self.rgb_mean), (self.image_size, self.image_size),
-                           interpolation=cv2.INTER_LINEAR)
-        return preprocess(image), make_targets(boxes[keep], landmarks[keep], labels[keep], side, side)
+        tensor, _ = letterbox(image, (self.image_size, self.image_size), scale=self.image_size / side)
+        return tensor, make_targets(boxes[keep], landmarks[keep], labels[keep], side, side)

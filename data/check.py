@@ -58,6 +58,7 @@ class CheckReport:
     num_faces: int = 0
     num_invalid: int = 0
     num_empty: int = 0  # images listed with no face (valid negatives)
+    file_problems: int = 0  # problems of the label file itself (unreadable, stray lines), not of one image
     problems: List[Problem] = field(default_factory=list)
     bad_samples: Set[int] = field(default_factory=set)
     dropped_boxes: List[Problem] = field(default_factory=list)
@@ -90,9 +91,12 @@ class CheckReport:
         checked = "labels only, images not opened; " if self.labels_only else ""
         if self.ok:
             return f"{self.label_file}: OK ({checked}{self.counts()})"
-        return (f"{self.label_file}: {len(self.problems)} problem(s) ({checked}{self.counts()}). Training "
-                f"refuses to start; with --skip_bad_samples it leaves out the {len(self.bad_samples)} image(s) "
-                f"with a problem and the {self.bad_faces} unusable face line(s)")
+        head = f"{self.label_file}: {len(self.problems)} problem(s) ({checked}{self.counts()}). Training refuses to start"
+        if self.file_problems:
+            return (f"{head}, also with --skip_bad_samples: {self.file_problems} of them concern the label file "
+                    f"itself, not one image")
+        return (f"{head}; with --skip_bad_samples it leaves out the {len(self.bad_samples)} image(s) with a problem "
+                f"and the {self.bad_faces} unusable face line(s)")
 
 
 # Bump whenever probe_image's checks change, so that cached outcomes are decoded again.
@@ -219,6 +223,7 @@ def check_dataset(label_file: PathLike, image_root: Optional[PathLike] = None,
                                        and not r.dropped),
                          dropped_boxes=parsed.dropped_boxes(), labels_only=labels_only)
     problems = list(parsed.problems)
+    report.file_problems = len(problems)
     paths = [resolve_image_path(label_file, r.image, image_root) for r in parsed.records]
 
     probes = [] if labels_only else _probe_cached(label_file, parsed.records, paths, num_workers, use_cache, report)

@@ -92,7 +92,12 @@ def preprocess(image_bgr: np.ndarray, scale: float = 1.0) -> torch.Tensor:
     to return to the original image.
     """
     if scale != 1.0:
-        image_bgr = cv2.resize(image_bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+        height, width = image_bgr.shape[:2]
+        # OpenCV rounds each side to the nearest pixel; a side that would round to 0 (a 1-pixel
+        # strip scaled down) keeps 1 pixel instead of failing.
+        dsize = None if min(height, width) * scale >= 0.5 else (max(1, round(width * scale)),
+                                                                max(1, round(height * scale)))
+        image_bgr = cv2.resize(image_bgr, dsize, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
     _check_bgr(image_bgr)
     # Transpose the uint8 image first, then convert and subtract in place: same values as
     # subtract_mean(...).transpose, about 3x faster at 640x640.

@@ -16,7 +16,8 @@ Two label layouts are read, chosen automatically from the first non-blank line:
   faces out of training unless ``keep_invalid=True``.
 
 A box with zero or negative width or height (the official files have a few) is dropped with
-a warning (``LabelRecord.dropped``) and its image kept. Zero-face entries are valid negatives.
+a warning (``LabelRecord.dropped``) and its image kept. Zero-face entries are read and kept (the
+loss mines hard negatives per image in proportion to its faces, so they add no loss term).
 
 Landmark order: left eye, right eye, nose, left mouth corner, right mouth corner (image
 left/right). Image paths are relative to ``<label dir>/images`` (RetinaFace convention)
@@ -147,11 +148,20 @@ class Sample(NamedTuple):
 
 
 def detect_format(lines: Sequence[str]) -> str:
-    """``"retinaface"`` when the first non-blank line starts with ``#``, else ``"wider"``."""
+    """``"retinaface"`` when a ``# path`` line comes before the first WIDER image-path line,
+    ``"wider"`` when a path line comes first (numeric lines before either, e.g. a stray face
+    line, do not decide: the parser then reports them), else ``"wider"`` for a non-blank file."""
+    seen = False
     for line in lines:
-        if line.strip():
-            return "retinaface" if line.lstrip().startswith("#") else "wider"
-    return "retinaface"
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("#"):
+            return "retinaface"
+        if _is_wider_path_line(text):
+            return "wider"
+        seen = True
+    return "wider" if seen else "retinaface"
 
 
 def _parse_numbers(tokens: Sequence[str]) -> Optional[List[float]]:

@@ -18,6 +18,7 @@ from data.augment import (TrainTransform, ValTransform, distort, landmark_labels
                           pad_to_square, random_crop)
 from data.check import check_dataset
 from data.config import MEAN_BGR
+from data.preprocess import preprocess
 from data.wider_face import LabelFormatError, WiderFaceDataset, detection_collate, read_label_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,6 +237,18 @@ def test_dataset_refuses_bad_records_and_skips_on_request(bad_label):
         WiderFaceDataset(bad_label, skip={42})
 
 
+def test_stray_line_before_the_first_image_keeps_the_format(tmp_path):
+    # A face line above the first '# image' line is reported as such; it used to make the file
+    # read as the official format (every '# path' line then looked like a missing image).
+    label = _write(tmp_path, "10 10 20 20\n" + RETINA_TEXT, ["a.jpg", "empty.jpg", "sub/b.jpg"])
+    parsed = read_label_file(label)
+    assert parsed.format == "retinaface" and len(parsed.records) == 3
+    assert [p.message for p in parsed.problems] == ["face line before the first '# image' line"]
+    official = tmp_path / "wider.txt"
+    official.write_text("3 4\n0--Parade/a.jpg\n1\n1 2 3 4 0 0 0 0 0 0\n")
+    assert read_label_file(official).format == "wider"
+
+
 def test_official_format_problems(tmp_path):
     text = """5 5 5 5 0 0 0 0 0 0
 a.jpg
@@ -447,6 +460,22 @@ def test_val_transform_pads_and_scales():
     assert (tensor[:, 26:, :] == 0).all()  # padding is the mean colour -> 0
     np.testing.assert_allclose(target[:, :4], [[0.1, 0.1, 0.3, 0.2], [0.95, 0.05, 1.0, 0.3]])
     np.testing.assert_array_equal(target[:, 14], [-1, -1])
+
+
+def test_val_transform_of_a_panorama_equals_padding_first():
+    # Resizing before padding gives the pixels of pad-to-square-then-resize (downscaling by a
+    # factor that maps the long side exactly) without building the full-size square.
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (64, 4096, 3), dtype=np.uint8)
+    boxes, landmarks = np.array([[100, 8, 164, 56]], np.float32), -np.ones((1, 10), np.float32)
+    tensor, target = ValTransform(256)(image, boxes, landmarks)
+    reference = preprocess(cv2.resize(pad_to_square(image), (256, 256), interpolation=cv2.INTER_LINEAR))
+    torch.testing.assert_close(tensor, reference, rtol=0, atol=0)
+    np.testing.assert_allclose(target[0, :4], [100 / 4096, 8 / 4096, 164 / 4096, 56 / 4096])
+    strip = rng.integers(0, 256, (1, 5000, 3), dtype=np.uint8)  # its short side scales to 0.05 px
+    tensor, _ = ValTransform(256)(strip, np.zeros((0, 4), np.float32), np.zeros((0, 10), np.float32))
+    assert tensor.shape == (3, 256, 256) and (tensor[:, 1:] == 0).all()
+    assert tuple(preprocess(strip, 0.05).shape) == (3, 1, 250)
 
 
 def test_make_targets_and_collate():

@@ -91,6 +91,57 @@ def test_bad_data_refuses_to_start_then_skips(tmp_path):
     assert out.returncode == 2 and "error:" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_label_file_problems_stop_even_with_skip_bad_samples(tmp_path):
+    # A problem of the label file itself (here a face line before the first image) is not one
+    # image that could be left out: one error, also with --skip_bad_samples.
+    label = tmp_path / "label.txt"
+    label.write_text("10 10 20 20\n" + SAMPLE.read_text().replace("# ", f"# {SAMPLE.parent / 'images'}/"))
+    args = make_args(tmp_path, "--max_iters", "1", "--skip_bad_samples")
+    args.training_dataset = str(label)
+    with pytest.raises(BadDatasetError, match="1 of them in the label file itself"):
+        train.main(args)
+    assert not (tmp_path / "w").exists()
+
+
+def test_val_images_are_checked_before_training(tmp_path):
+    # A missing or cut-short val image used to surface only at the first validation, after a
+    # whole epoch, as a traceback; now the run does not start.
+    images = tmp_path / "images"
+    images.mkdir()
+    whole = (ROOT / "data" / "sample" / "images" / "group_8.jpg").read_bytes()
+    (images / "cut.jpg").write_bytes(whole[: int(len(whole) * 0.9)])
+    val = tmp_path / "val.txt"
+    val.write_text("# cut.jpg\n10 10 40 40\n# missing.jpg\n5 5 20 20\n")
+    args = make_args(tmp_path, "--max_iters", "1", "--skip_bad_samples", "--val_dataset", str(val))
+    with pytest.raises(BadDatasetError, match="--val_dataset: 2 problem"):
+        train.main(args)
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_set_without_usable_faces_is_refused(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(ROOT / "data" / "sample" / "images" / "group_8.jpg", images / "a.jpg")
+    label = tmp_path / "label.txt"
+    label.write_text("a.jpg\n0\n0 0 0 0 0 0 0 0 0 0\n")  # official format, one face-less image
+    args = make_args(tmp_path, "--max_iters", "1")
+    args.training_dataset = str(label)
+    with pytest.raises(BadDatasetError, match="no usable face"):
+        train.main(args)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch_size", "0", "a positive integer, got 0"), ("--image_size", "-5", "a positive integer, got -5"),
+    ("--epochs", "0", "a positive integer"), ("--num_workers", "-1", "an integer >= 0"),
+    ("--lr", "nan", "a finite number >= 0"), ("--warmup_epochs", "x", "a finite number >= 0, got 'x'")])
+def test_bad_numeric_flags_are_one_line_errors(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.get_args_parser().parse_args([flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected {message}" in err and "Traceback" not in err
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     train.main(make_args(tmp_path, "--epochs", "1"))
     last = tmp_path / "w" / "t" / "last.pth"

@@ -41,6 +41,14 @@ def test_help_needs_no_data():
         assert flag in out.stdout
 
 
+@pytest.mark.parametrize("flag, value", [("--temperature", "0"), ("--alpha_initial", "1.5"), ("--alpha_final", "-0.1"),
+                                         ("--mixup_prob", "2"), ("--cutmix_prob", "nan"), ("--min_epoch", "-1")])
+def test_out_of_range_distillation_flags_are_refused(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_v2.get_args_parser().parse_args([flag, value])
+    assert exit_info.value.code == 2 and f"argument {flag}: expected" in capsys.readouterr().err
+
+
 def test_seed_command_flags_parse():
     args = train_v2.get_args_parser().parse_args(
         "--teacher_model weights/v1.pth --epochs 400 --batch_size 32 --temperature 4.0 --alpha_initial 0.8 "

@@ -370,5 +370,7 @@ def test_overfit_four_wider_images_then_last_pth_finds_them(tmp_path):
 def test_bad_val_labels_are_a_clear_error(tmp_path):
     label = tmp_path / "val.txt"
     label.write_text("# a.jpg\n10 10 20\n")
-    with pytest.raises(FeatherFaceError, match=r"--val_dataset: .*val.txt:2: malformed face line"):
+    # Checked like the training data, before the first epoch: the missing image and the bad line.
+    with pytest.raises(FeatherFaceError, match=r"--val_dataset: 2 problem\(s\) in .*val.txt \(first: .*val.txt:1: "
+                                               r"image not found"):
         train.main(make_args(tmp_path, "--val_dataset", str(label)))

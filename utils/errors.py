@@ -1,6 +1,7 @@
 """User-facing errors and the one place scripts turn them into a message and an exit code."""
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable, TypeVar
 
@@ -23,3 +24,25 @@ def run_cli(main: Callable[..., T], *args: object) -> T:
     except (FeatherFaceError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _bounded(kind: type, description: str, accept: Callable[[float], bool]) -> Callable[[str], object]:
+    """An argparse `type`: parses `kind` and refuses values `accept` rejects (argparse then prints
+    the usage and one error line and exits 2)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}") from None
+        if not accept(value):  # NaN fails every comparison, so it is refused too
+            raise argparse.ArgumentTypeError(f"expected {description}, got {text}")
+        return value
+    parse.__name__ = description  # argparse names the type in its own messages
+    return parse
+
+
+positive_int = _bounded(int, "a positive integer", lambda v: v >= 1)
+non_negative_int = _bounded(int, "an integer >= 0", lambda v: v >= 0)
+positive_float = _bounded(float, "a finite number > 0", lambda v: 0 < v < float("inf"))
+non_negative_float = _bounded(float, "a finite number >= 0", lambda v: 0 <= v < float("inf"))
+unit_float = _bounded(float, "a number from 0 to 1", lambda v: 0 <= v <= 1)

@@ -33,7 +33,8 @@ from layers.multibox_loss import MultiBoxLoss
 from layers.prior_box import prior_boxes_for
 from layers.training_monitor import TrainingMonitor
 from utils.checkpoint import checkpoint_blob, load_checkpoint, load_pretrained_backbone, load_state_strict, unwrap
-from utils.errors import CheckpointError, FeatherFaceError
+from utils.errors import (CheckpointError, FeatherFaceError, non_negative_float, non_negative_int,
+                          positive_int)
 from utils.training import distributed as ddp
 from utils.training.precise_bn import recompute_bn_stats
 from utils.training.validation import ValidationSet, WiderSubset, run_validation, selection_metric
@@ -63,7 +64,7 @@ def add_training_args(parser: argparse.ArgumentParser, epochs: int, name: str) -
                    help="label file of a validation set: val loss and AP@0.5 every --val_interval epochs")
     g.add_argument("--val_image_root", default=None,
                    help="folder the --val_dataset image paths are relative to (default: images/ beside it)")
-    g.add_argument("--val_interval", type=int, default=1, help="validate every N epochs (and after the last one)")
+    g.add_argument("--val_interval", type=positive_int, default=1, help="validate every N epochs (and after the last one)")
     g.add_argument("--val_gt_dir", default=None,
                    help="WIDER val ground truth folder (wider_face_val.mat, wider_{easy,medium,hard}_val.mat): "
                         "also the official easy/medium/hard AP of the --val_dataset images")
@@ -71,27 +72,27 @@ def add_training_args(parser: argparse.ArgumentParser, epochs: int, name: str) -
                    help="validate by loss only (no detection pass); best.pth then follows the val loss")
     g.add_argument("--keep_invalid_faces", action="store_true",
                    help="train on faces the official labels flag invalid (left out by default)")
-    g.add_argument("--image_size", type=int, default=640, help="square training input size")
-    g.add_argument("--num_workers", type=int, default=4, help="data-loading worker processes")
+    g.add_argument("--image_size", type=positive_int, default=640, help="square training input size")
+    g.add_argument("--num_workers", type=non_negative_int, default=4, help="data-loading worker processes")
     g.add_argument("--no_augment", action="store_true",
                    help="only pad and resize training images (sanity checks such as overfitting a few images)")
     g.add_argument("--skip_bad_samples", action="store_true",
                    help="leave out images that fail the data check, and unusable face lines, instead of "
                         "refusing to start")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
-    g.add_argument("--batch_size", type=int, default=32, help="images per batch per process")
+    g.add_argument("--epochs", type=positive_int, default=epochs, help=f"training epochs (default {epochs})")
+    g.add_argument("--batch_size", type=positive_int, default=32, help="images per batch per process")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="optimizer")
-    g.add_argument("--lr", type=float, default=1e-3, help="initial learning rate")
+    g.add_argument("--lr", type=non_negative_float, default=1e-3, help="initial learning rate")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight_decay", type=float, default=5e-4, help="weight decay")
+    g.add_argument("--weight_decay", type=non_negative_float, default=5e-4, help="weight decay")
     g.add_argument("--scheduler", choices=["step", "cosine"], default="step",
                    help="step: x0.1 at --decay1 and --decay2; cosine: to 0 at the last epoch")
     g.add_argument("--decay1", type=int, default=190, help="first step-decay epoch")
     g.add_argument("--decay2", type=int, default=220, help="second step-decay epoch")
-    g.add_argument("--warmup_epochs", type=float, default=0.0, help="linear LR warm-up length in epochs")
-    g.add_argument("--gradient_clip", type=float, default=0.0, help="max gradient norm (0 = no clipping)")
-    g.add_argument("--neg_pos_ratio", type=int, default=7, help="hard-negative mining ratio (3 or 7)")
+    g.add_argument("--warmup_epochs", type=non_negative_float, default=0.0, help="linear LR warm-up length in epochs")
+    g.add_argument("--gradient_clip", type=non_negative_float, default=0.0, help="max gradient norm (0 = no clipping)")
+    g.add_argument("--neg_pos_ratio", type=positive_int, default=7, help="hard-negative mining ratio (3 or 7)")
     g.add_argument("--loc_weight", type=float, default=2.0, help="weight of the box regression loss")
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -99,15 +100,15 @@ def add_training_args(parser: argparse.ArgumentParser, epochs: int, name: str) -
     g.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, init)")
     g.add_argument("--save_folder", default="weights/", help="where checkpoints are written")
     g.add_argument("--name", default=name, help=f"run name: checkpoints in SAVE_FOLDER/NAME, logs in runs/NAME (default {name})")
-    g.add_argument("--save_interval", type=int, default=10, help="also keep epoch_N.pth every N epochs (0 = never)")
+    g.add_argument("--save_interval", type=non_negative_int, default=10, help="also keep epoch_N.pth every N epochs (0 = never)")
     g.add_argument("--resume", default=None, help="checkpoint to continue from (its full state is restored)")
     g.add_argument("--init_weights", default=None,
                    help="start from the model weights of this checkpoint (ours, or a converted published one) "
                         "with a fresh optimizer and schedule: fine-tuning")
-    g.add_argument("--precise_bn_batches", type=int, default=20,
+    g.add_argument("--precise_bn_batches", type=non_negative_int, default=20,
                    help="recompute BN statistics over this many training batches before each validation and "
                         "checkpoint, so checkpoints work in eval mode (0 = off, keep the running averages)")
-    g.add_argument("--max_iters", type=int, default=0,
+    g.add_argument("--max_iters", type=non_negative_int, default=0,
                    help="stop after this many iterations in total and save (0 = run all epochs)")
     g.add_argument("--log_dir", default="runs", help="TensorBoard root folder")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -157,26 +158,39 @@ class EpochSampler(Sampler[int]):
         return len(self.indices()) - self.skip
 
 
+def preflight(label_file, image_root, args: argparse.Namespace, log, role: str):
+    """Rank 0 checks a label file and its images (decoding in --num_workers processes, cached per
+    image) and tells the other ranks; problems are listed, and those of the label file itself
+    (not of one image) stop the run even with --skip_bad_samples."""
+    report = ddp.broadcast_object(
+        check_dataset(label_file, image_root, num_workers=max(args.num_workers, 1))
+        if ddp.get_rank() == 0 else None)
+    log(f"{role}: {report.timing()}")
+    if not report.problems:
+        return report
+    for problem in report.problems[:20]:
+        log(f"  {problem}")
+    if len(report.problems) > 20:
+        log(f"  ... {len(report.problems) - 20} more")
+    listed = f"first: {report.problems[0]}; all listed by `python -m data.check {label_file}`"
+    if report.file_problems:
+        raise BadDatasetError(f"{len(report.problems)} problem(s) in {label_file} ({listed}), "
+                              f"{report.file_problems} of them in the label file itself rather than one image: "
+                              f"fix the file")
+    if role == "--val_dataset":  # a val set with images left out would score another set
+        raise BadDatasetError(f"--val_dataset: {len(report.problems)} problem(s) in {label_file} ({listed}); "
+                              f"fix them or leave those images out of the val label file")
+    if not args.skip_bad_samples:
+        raise BadDatasetError(f"{len(report.problems)} problem(s) in {label_file} ({listed}). Fix them or pass "
+                              f"--skip_bad_samples to drop the {len(report.bad_samples)} affected image(s).")
+    log(f"--skip_bad_samples: leaving out {len(report.bad_samples)} image(s) with problems and "
+        f"{report.bad_faces} unusable face line(s)")
+    return report
+
+
 def build_train_set(args: argparse.Namespace, log) -> WiderFaceDataset:
     """Pre-flight check of the training labels and images, then the dataset."""
-    # Rank 0 checks (decoding in --num_workers processes, cached per image) and tells the others.
-    report = ddp.broadcast_object(
-        check_dataset(args.training_dataset, args.image_root, num_workers=max(args.num_workers, 1))
-        if ddp.get_rank() == 0 else None)
-    log(report.timing())
-    if report.problems:
-        for problem in report.problems[:20]:
-            log(f"  {problem}")
-        if len(report.problems) > 20:
-            log(f"  ... {len(report.problems) - 20} more")
-        if not args.skip_bad_samples:
-            raise BadDatasetError(
-                f"{len(report.problems)} problem(s) in {args.training_dataset} (listed above; "
-                f"`python -m data.check {args.training_dataset}` lists them all). Fix them or pass "
-                f"--skip_bad_samples to drop the {len(report.bad_samples)} affected image(s)."
-            )
-        log(f"--skip_bad_samples: leaving out {len(report.bad_samples)} image(s) with problems and "
-            f"{report.bad_faces} unusable face line(s)")
+    report = preflight(args.training_dataset, args.image_root, args, log, "training data")
     dataset = WiderFaceDataset(args.training_dataset, args.image_root, skip=report.bad_samples,
                                keep_invalid=args.keep_invalid_faces, skip_bad_faces=args.skip_bad_samples)
     for warning in dataset.dropped_boxes[:3]:
@@ -187,6 +201,12 @@ def build_train_set(args: argparse.Namespace, log) -> WiderFaceDataset:
             f"(--keep_invalid_faces keeps them)")
     if len(dataset) == 0:
         raise BadDatasetError(f"no usable images in {args.training_dataset}")
+    faces = [len(r.boxes) - (0 if args.keep_invalid_faces else int(r.invalid.sum())) for r in dataset.records]
+    if not any(faces):
+        raise BadDatasetError(f"no usable face in {args.training_dataset}: nothing to learn from")
+    if not all(faces):  # hard negatives are mined per image, in proportion to its matched faces
+        log(f"note: {faces.count(0)} image(s) without a usable face add nothing to the loss (as in RetinaFace, "
+            f"hard negatives are mined per image, --neg_pos_ratio per matched anchor)")
     return dataset
 
 
@@ -254,6 +274,8 @@ class Trainer:
         self.train_set = SeededTrainSet(self.dataset, args.image_size, args.seed, not args.no_augment)
         self.sampler = EpochSampler(len(self.dataset), args.seed, self.rank, self.world)
         self.iters_per_epoch = math.ceil(len(self.sampler.indices()) / args.batch_size)
+        if args.val_dataset:  # its images are checked now, not when the first epoch has run
+            preflight(args.val_dataset, args.val_image_root, args, self.log, "--val_dataset")
         self.val_set = (ValidationSet(args.val_dataset, args.val_image_root, args.image_size)
                         if args.val_dataset else None)
         self.val_wider = WiderSubset(args.val_gt_dir, self.val_set.records) if args.val_gt_dir and self.val_set else None
