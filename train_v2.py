@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from models import build_model
-from utils.errors import non_negative_float, non_negative_int, positive_float, run_cli, unit_float
+from utils.errors import non_negative_float, non_negative_int, positive_float, positive_int, run_cli, unit_float
 from utils.training.distillation import DistillationTrainer
 from utils.training.trainer import DEFAULT_BACKBONE, add_training_args, load_backbone_if_any, set_seed
 
@@ -28,11 +28,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="ImageNet MobileNetV1-0.25 weights for the student ('none' = from scratch)")
     g = parser.add_argument_group("distillation")
     g.add_argument("--temperature", type=positive_float, default=4.0, help="softmax temperature T (class KD is scaled by T^2)")
-    g.add_argument("--alpha_initial", type=unit_float, default=0.8, help="distillation weight at epoch 0")
-    g.add_argument("--alpha_final", type=unit_float, default=0.5, help="distillation weight at the last epoch")
+    g.add_argument("--alpha_initial", type=unit_float, default=0.8, help="distillation weight at epoch 1")
+    g.add_argument("--alpha_final", type=unit_float, default=0.5,
+                   help="end point of alpha's linear decay (reached one epoch after the last; alpha also shrinks "
+                        "x0.9 per plateau and is capped by --alpha_late_cap in the last 20%% of epochs)")
+    g.add_argument("--alpha_late_cap", type=unit_float, default=0.4,
+                   help="cap on alpha in the last 20%% of epochs (1 = no cap)")
     g.add_argument("--kd_conf_threshold", type=unit_float, default=0.5,
                    help="teacher face probability above which box/landmark outputs are distilled")
-    g.add_argument("--early_stopping_patience", type=non_negative_int, default=20, help="epochs without improvement (halved in epochs 100-120)")
+    g.add_argument("--early_stopping_patience", type=positive_int, default=20,
+                   help="validated epochs without improvement (halved in epochs 101-120); every epoch is "
+                        "validated unless --val_interval says otherwise")
     g.add_argument("--min_epoch", type=non_negative_int, default=100, help="never stop early before this epoch")
     g.add_argument("--mixup_alpha", type=non_negative_float, default=0.2, help="MixUp Beta(alpha, alpha) (0 = off)")
     g.add_argument("--mixup_prob", type=unit_float, default=0.5, help="probability a batch is mixed up")

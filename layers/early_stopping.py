@@ -12,8 +12,10 @@ Rules, checked once per validated epoch (epochs are the caller's numbers, 0-base
   default epochs 100..119) it stops after ``patience // 2`` epochs without improvement;
 * from ``strict_window[1]`` on it stops after ``patience`` epochs without improvement.
 
-``reason`` tells why it stopped, e.g. "no val-loss/mAP improvement for 10 epochs in the
-strict window [100, 120) (epoch 112; best at epoch 102)".
+``reason`` tells why it stopped, in the 1-based epoch numbers of the training log, e.g. "no
+val-loss/mAP improvement in 10 validated epochs in the strict window [100, 120) (epoch 113; best
+at epoch 103)"; ``metric`` names what is watched. The decision is taken afresh at every step,
+so a resumed run (``load_state_dict``) with more patience goes on until its own limit.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class SmartEarlyStopping:
         min_epoch: int = 100,
         strict_window: Tuple[int, int] = (100, 120),
         min_delta: float = 0.0,
+        metric: str = "val-loss/mAP",
     ) -> None:
         if patience < 1:
             raise ValueError(f"patience must be >= 1, got {patience}")
@@ -43,6 +46,7 @@ class SmartEarlyStopping:
         self.min_epoch = int(min_epoch)
         self.strict_window = (int(strict_window[0]), int(strict_window[1]))
         self.min_delta = float(min_delta)
+        self.metric = metric
         self.best_loss = math.inf
         self.best_map = -math.inf
         self.best_epoch = -1
@@ -77,17 +81,14 @@ class SmartEarlyStopping:
         else:
             self.num_bad_epochs += 1
 
-        if epoch < self.min_epoch:
-            return False
-        limit = self.patience_at(epoch)
-        if self.num_bad_epochs >= limit:
+        self.should_stop = epoch >= self.min_epoch and self.num_bad_epochs >= self.patience_at(epoch)
+        self.reason = ""
+        if self.should_stop:
             start, end = self.strict_window
-            where = f"in the strict window [{start}, {end})" if start <= epoch < end else "after the strict window"
-            self.should_stop = True
-            self.reason = (
-                f"no val-loss/mAP improvement for {self.num_bad_epochs} epochs {where} "
-                f"(epoch {epoch}; best at epoch {self.best_epoch})"
-            )
+            where = (f"in the strict window [{start}, {end})" if start <= epoch < end else
+                     "before the strict window" if epoch < start else "after the strict window")
+            self.reason = (f"no {self.metric} improvement in {self.num_bad_epochs} validated epochs {where} "
+                           f"(epoch {epoch + 1}; best at epoch {self.best_epoch + 1})")
         return self.should_stop
 
     def state_dict(self) -> Dict[str, Any]:

@@ -14,7 +14,7 @@ import train
 from tests.conftest import ROOT, shared_path
 from utils.checkpoint import atomic_torch_save, load_checkpoint, load_model
 from utils.errors import FeatherFaceError
-from utils.training.trainer import BadDatasetError, NonFiniteLossError, Trainer
+from utils.training.trainer import BadDatasetError, NonFiniteLossError, NonFiniteWeightsError, Trainer
 
 SAMPLE = ROOT / "data" / "sample" / "label.txt"
 
@@ -54,6 +54,15 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
     b = load_checkpoint(tmp_path / "b" / "w" / "t" / "last.pth")["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_resume_at_max_iters_takes_no_step(tmp_path):
+    train.main(make_args(tmp_path, "--max_iters", "2", "--batch_size", "1"))
+    last = tmp_path / "w" / "t" / "last.pth"
+    before = last.read_bytes()
+    state = train.main(make_args(tmp_path, "--max_iters", "2", "--batch_size", "1", "--resume", str(last)))
+    assert state.iteration == 2 and "--max_iters 2 reached" in state.stop_reason
+    assert last.read_bytes() == before
 
 
 def test_overfit_four_images_drives_loss_down(tmp_path):
@@ -158,6 +167,26 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
         train.main(make_args(tmp_path, "--epochs", "2", "--resume", str(last)))
     after = load_checkpoint(last)["model"]
     assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+def test_non_finite_bn_statistics_are_never_saved(tmp_path, monkeypatch):
+    # The last epoch's checkpoint is written at once (no later step proves it): precise BN over
+    # a diverged model could fill running_var with inf and still exit 0. Now nothing is written.
+    train.main(make_args(tmp_path, "--epochs", "1"))
+    saved = {name: load_checkpoint(tmp_path / "w" / "t" / name)["model"] for name in ("last.pth", "best.pth")}
+    real = Trainer.precise_bn
+
+    def diverged(self):
+        seconds = real(self)
+        next(m for m in self.model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(float("inf"))
+        return seconds
+
+    monkeypatch.setattr(Trainer, "precise_bn", diverged)
+    with pytest.raises(NonFiniteWeightsError, match=r"non-finite values after epoch 2, .*running_var.*no checkpoint written"):
+        train.main(make_args(tmp_path, "--epochs", "2", "--resume", str(tmp_path / "w" / "t" / "last.pth")))
+    for name, before in saved.items():
+        after = load_checkpoint(tmp_path / "w" / "t" / name)["model"]
+        assert all(torch.equal(before[k], after[k]) for k in before), name
 
 
 def test_killed_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):

@@ -87,7 +87,8 @@ def test_strict_window_stops_after_half_patience():
     stop = _run(s, range(130), losses=lambda e: 1.0 / (e + 1) if e <= 102 else 1.0)
     assert stop == 112  # bad epochs 103..112 = 10 = patience // 2
     assert s.num_bad_epochs == 10 and s.best_epoch == 102
-    assert s.reason.startswith("no val-loss/mAP improvement for 10 epochs in the strict window [100, 120)")
+    assert s.reason == ("no val-loss/mAP improvement in 10 validated epochs in the strict window [100, 120) "
+                        "(epoch 113; best at epoch 103)")  # 1-based, as the training log counts
 
 
 def test_after_window_stops_after_full_patience():
@@ -97,6 +98,17 @@ def test_after_window_stops_after_full_patience():
     assert stop == 135  # bad epochs 116..135 = 20
     assert s.num_bad_epochs == 20
     assert "after the strict window" in s.reason
+
+
+def test_resumed_stopper_decides_afresh():
+    # A run that stopped early, resumed with more patience, goes on until its own limit.
+    s = SmartEarlyStopping(patience=2, min_epoch=0, strict_window=(50, 60), metric="task")
+    assert _run(s, range(10)) == 2 and s.reason.startswith("no task improvement in 2 validated epochs before")
+    resumed = SmartEarlyStopping(patience=5, min_epoch=0, strict_window=(50, 60))
+    resumed.load_state_dict(s.state_dict())
+    assert resumed.should_stop and resumed.step(3, 1.0) is False and not resumed.reason
+    assert resumed.step(4, 1.0) is False and resumed.step(5, 1.0) is True  # epochs 1..5 bad, over both runs
+    assert resumed.step(6, 0.5) is False and resumed.best_epoch == 6  # an improvement clears it
 
 
 def test_map_improvement_resets_the_counter():

@@ -14,7 +14,7 @@ from data.mixing import cutmix, mixup
 from layers.alpha_schedule import DynamicAlpha
 from layers.distillation import DistillationLoss, combine
 from layers.early_stopping import SmartEarlyStopping
-from utils.checkpoint import load_model, unwrap
+from utils.checkpoint import load_model
 from utils.errors import CheckpointError
 from utils.training.trainer import Trainer
 
@@ -37,10 +37,14 @@ class DistillationTrainer(Trainer):
 
     def __init__(self, args: argparse.Namespace, model: torch.nn.Module) -> None:
         self.kd = DistillationLoss(args.temperature, args.kd_conf_threshold, teacher_is_prob=True)
-        self.alpha = DynamicAlpha(args.alpha_initial, args.alpha_final, args.epochs)
+        self.alpha = DynamicAlpha(args.alpha_initial, args.alpha_final, args.epochs, late_cap=args.alpha_late_cap)
         self.stopper = SmartEarlyStopping(args.early_stopping_patience, args.min_epoch)
+        # Loaded before the Trainer seeds (or, on resume, restores) the RNGs: building the teacher
+        # draws random initial weights, which would shift a resumed run's DropBlock draws.
+        teacher = load_teacher(args.teacher_model, model.config, torch.device("cpu"))
         super().__init__(args, model)
-        self.teacher = load_teacher(args.teacher_model, unwrap(self.model).config, self.device)
+        self.teacher = teacher.to(self.device)
+        self.stopper.metric = self.selection.key  # what best.pth follows is what early stopping watches
 
     def compute_loss(self, images: torch.Tensor, targets: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
         args, state = self.args, self.state

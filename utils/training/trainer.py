@@ -49,6 +49,11 @@ class NonFiniteLossError(FeatherFaceError):
     updated after the last finite loss is written (utils.training.resume.CheckpointKeeper)."""
 
 
+class NonFiniteWeightsError(NonFiniteLossError):
+    """The weights or BN statistics to be saved hold NaN/inf (e.g. precise BN over a diverged
+    model at the end of a run): nothing is written, and the run stops like a non-finite loss."""
+
+
 class BadDatasetError(FeatherFaceError):
     """The training data failed the pre-flight check."""
 
@@ -359,6 +364,14 @@ class Trainer:
     def snapshot(self) -> Optional[Dict[str, Any]]:
         """The full training state as a checkpoint dict copied to the CPU, on rank 0 (None on the
         others). Collective: every rank contributes its RNG states."""
+        state = unwrap(self.model).state_dict()
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if ddp.any_rank(bool(bad)):  # a checkpoint is only ever written with finite values
+            self.keeper.discard()
+            raise NonFiniteWeightsError(
+                f"the model holds non-finite values {self.position()} ({len(bad)} tensor(s) on rank {self.rank}"
+                + (f", e.g. {', '.join(bad[:3])}" if bad else "") + "); no checkpoint written; "
+                + self.keeper.describe_good("a lower --lr or --gradient_clip 1"))
         rng = ddp.all_gather_object(capture_rng(self.device))
         if not self.is_main:
             return None
@@ -567,6 +580,12 @@ class Trainer:
                  f"({self.dataset.num_faces} faces), {self.iters_per_epoch} iterations/epoch, "
                  f"device {self.device}{' x' + str(self.world) if self.distributed else ''}, "
                  f"checkpoints in {self.save_dir}" + (f", TensorBoard in {self.log_dir}" if self.is_main else ""))
+        if args.max_iters and state.iteration >= args.max_iters:  # resumed at the limit: not one step more
+            state.stop_reason = f"--max_iters {args.max_iters} reached"
+            self.log(f"nothing to train: {state.stop_reason} ({self.position()}); a larger --max_iters goes on")
+            if self.writer is not None:
+                self.writer.close()
+            return state
         try:
             while state.epoch < args.epochs:
                 self.monitor.start_epoch()
