@@ -362,7 +362,8 @@ def resolve_image_path(label_file: PathLike, image: str, image_root: Optional[Pa
 
 
 def image_problems(label_file: PathLike, record: LabelRecord, width: int, height: int) -> List[Problem]:
-    """Boxes of a record that lie (mostly) outside a width x height image."""
+    """Boxes of a record that lie (mostly) outside a width x height image, and landmark points
+    farther outside it than its own size (a corrupt number such as 1e37; the loss would follow it)."""
     found = []
     x1 = np.clip(record.boxes[:, 0], 0, width)
     y1 = np.clip(record.boxes[:, 1], 0, height)
@@ -375,6 +376,14 @@ def image_problems(label_file: PathLike, record: LabelRecord, width: int, height
         where = "outside" if inside[k] == 0 else "mostly outside"
         found.append(Problem(str(label_file), int(record.face_lines[k]),
                              f"box ({bx}) of face {k + 1} lies {where} the {width}x{height} image {record.image}"))
+    points = record.landmarks.reshape(-1, 5, 2)
+    far = ((points[..., 0] < -width) | (points[..., 0] > 2 * width)
+           | (points[..., 1] < -height) | (points[..., 1] > 2 * height)).any(axis=1)
+    for k in np.flatnonzero(far):
+        pts = " ".join(f"{v:g}" for v in record.landmarks[k])
+        found.append(Problem(str(label_file), int(record.face_lines[k]),
+                             f"landmarks ({pts}) of face {k + 1} lie far outside the {width}x{height} image "
+                             f"{record.image}"))
     return found
 
 

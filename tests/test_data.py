@@ -214,6 +214,20 @@ def test_check_reports_every_problem_with_file_and_line(bad_label):
             and "2 unusable face line(s)" in report.summary() and "skip=" not in report.summary())
 
 
+def test_landmarks_far_outside_the_image_are_a_problem(tmp_path):
+    # A corrupt landmark number (1e37) used to pass the check and train to a loss of 3e34.
+    text = ("# a.jpg\n10 10 20 20 15 15 0.0 1e37 15 0.0 20 20 0.0 15 25 0.0 25 25 0.0 1\n"
+            "# b.jpg\n10 10 20 20 -3 15 0.0 25 15 0.0 20 20 0.0 15 25 0.0 66 25 0.0 1\n"  # just over the border: fine
+            "# c.jpg\n10 10 20 20 -1 -1 -1 -1 -1 -1 -1 -1 -1 -1 -1 -1 -1 -1 -1 -1\n")  # no landmarks: fine
+    label = _write(tmp_path, text, ["a.jpg", "b.jpg", "c.jpg"])
+    report = check_dataset(label, use_cache=False)
+    assert [(p.line, p.face) for p in report.problems] == [(2, False)] and report.bad_samples == {0}
+    assert "landmarks (15 15 1e+37 15 20 20 15 25 25 25) of face 1 lie far outside the 64x48 image a.jpg" \
+        in report.problems[0].message
+    with pytest.raises(LabelFormatError, match="lie far outside"):
+        WiderFaceDataset(label, skip={1, 2})[0]
+
+
 def test_dataset_refuses_bad_records_and_skips_on_request(bad_label):
     with pytest.raises(LabelFormatError, match=rf"{bad_label}:8: malformed face line.*and 1 more"):
         WiderFaceDataset(bad_label)

@@ -2,11 +2,16 @@
 keep-top-k cut and inside NMS) but nothing else, and all-or-nothing staged outputs."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
+from tests.conftest import ROOT
 from utils.deploy.parity import compare_detections, detection_graph_ok
 from utils.deploy.staging import staged
+from utils.errors import FeatherFaceError
 
 
 def faces(rows) -> np.ndarray:
@@ -97,3 +102,17 @@ def test_staged_replaces_an_older_package_whole(tmp_path):
             d.mkdir()
             raise ValueError
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]  # a failure keeps the previous one
+
+
+def test_an_output_inside_a_staged_folder_is_refused(tmp_path, capsys):
+    # export_dynamic_onnx.py --output pkg/custom.onnx --deployment_package pkg used to print
+    # "wrote pkg/custom.onnx" and then replace pkg, graph included, with the staged package.
+    with pytest.raises(FeatherFaceError, match="custom.onnx lies inside .*pkg, which is written as a whole folder"):
+        with staged([tmp_path / "pkg" / "custom.onnx", tmp_path / "pkg"]):
+            pass
+    assert not (tmp_path / "pkg").exists()
+    out = subprocess.run([sys.executable, "export_dynamic_onnx.py", "--random_init", "--model", "v2", "--output",
+                          str(tmp_path / "pkg" / "custom.onnx"), "--deployment_package", str(tmp_path / "pkg")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "lies inside" in out.stderr and "wrote" not in out.stdout
+    assert not (tmp_path / "pkg").exists()

@@ -109,6 +109,10 @@ def test_detect_nothing_readable_exits_2(real_checkpoint, tmp_path, capsys):
     args.input = tmp_path / "missing.jpg"
     with pytest.raises(SystemExit):
         run_cli(detect.main, args)
+    args.input, args.image_size = SAMPLE / "group_8.jpg", 0  # used to end in a cv2.error traceback
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(detect.main, args)
+    assert exit_info.value.code == 2 and "image_size must be a positive number of pixels" in capsys.readouterr().err
 
 
 def test_detect_video(real_checkpoint, tmp_path):
@@ -132,6 +136,17 @@ def test_detect_video(real_checkpoint, tmp_path):
     while capture.read()[0]:
         frames += 1
     assert frames == 3 and int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)) == 320
+    # Two videos with one name (clip.avi, clip.mkv) used to write one clip.avi over the other.
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("clip.avi", "clip.mkv"):
+        (folder / name).write_bytes(video.read_bytes())
+    args = detect.get_args_parser().parse_args(["--weights", str(real_checkpoint), "--input", str(folder),
+                                                "--output", str(tmp_path / "out2"), "--quiet"])
+    assert detect.main(args) == 0
+    results = json.loads((tmp_path / "out2" / "detections.json").read_text())["videos"]
+    assert [Path(r["output"]).name for r in results] == ["clip.avi", "clip_mkv.avi"]
+    assert all(Path(r["output"]).is_file() for r in results)
 
 
 def tiny_onnx(path: Path) -> Path:

@@ -14,7 +14,7 @@ from data.preprocess import letterbox, preprocess
 from models import build_model
 from tests.conftest import ROOT, randomise
 from tests.test_convert_official import GOLDEN_GROUP_8
-from utils.inference.detector import Face, FaceDetector, TorchBackend, backend_for, ort_session_options
+from utils.inference.detector import Face, FaceDetector, OnnxBackend, TorchBackend, backend_for, ort_session_options
 from utils.errors import FeatherFaceError
 from utils.deploy.fuse import count_batchnorms, fold_conv_bn, fuse_batchnorm
 
@@ -190,7 +190,8 @@ def test_onnx_backend_matches_torch_tiny(tmp_path, group_8):
     path = export_or_skip(model, tmp_path / "tiny.onnx")
     images = [group_8[:301, :437], group_8[:301, :437][::-1].copy(), group_8[:200, :250]]
     torch_det = FaceDetector(model, conf=0.3)
-    onnx_det = FaceDetector(path, backend="onnx", conf=0.3, threads=1)
+    onnx_det = FaceDetector(path, conf=0.3, threads=1)  # the default backend picks ONNX Runtime for .onnx
+    assert isinstance(onnx_det.backend, OnnxBackend) and isinstance(torch_det.backend, TorchBackend)
     assert onnx_det.config == model.config
     for a, b in zip(torch_det.detect_arrays(images), onnx_det.detect_arrays(images)):
         assert len(a) > 0

@@ -222,7 +222,9 @@ def test_static_size_export_is_fixed_and_letterboxed_everywhere(tmp_path):
     package = write_deployment_package(model, tmp_path / "package", raw, detection, score_threshold=0.7)
     config = json.loads((package / "deployment_config.json").read_text())
     assert config["input"]["fixed_size"] == [128, 128] and config["input"]["shape"] == ["batch", 3, 128, 128]
-    assert "fixed input size 128x128" in (package / "README.md").read_text()
+    readme = (package / "README.md").read_text()
+    assert "fixed input size 128x128" in readme and "H and W are fixed at 128x128" in readme
+    assert "Any H, W >= 32 works" not in readme and "`--max_size` does not apply to this package" in readme
     out_json = tmp_path / "faces.json"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, str(package / "usage_example.py"), str(GROUP), "--json", str(out_json)],
@@ -310,6 +312,7 @@ def test_deployment_package_usage_example_runs_as_shipped(v2, v2_package, tmp_pa
     assert config["thresholds"]["score"] == RANDOM_THRESHOLD and config["input"]["name"] == "input"
     readme = (v2_package / "README.md").read_text()
     assert "no deformable convolutions" in readme and "$" not in readme
+    assert "Any H, W >= 32 works" in readme and "`--max_size` downscales large photos first" in readme
     reloaded, _ = load_model(v2_package / "model.pth")
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
 

@@ -203,11 +203,15 @@ def test_killed_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path)["value"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp file left behind
+    (tmp_path / ".ckpt.pth.abc123.tmp").write_bytes(b"partial")  # what a SIGKILL mid-save leaves
+    (tmp_path / ".other.pth.abc123.tmp").write_bytes(b"partial")  # another file's: not ours to remove
+    atomic_torch_save({"value": 3}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pth.abc123.tmp", "ckpt.pth"]
 
 
 def test_resume_with_another_model_is_a_clear_error(tmp_path):
     train.main(make_args(tmp_path, "--max_iters", "1"))
-    with pytest.raises(FeatherFaceError, match="trained as 'v1_slim'"):
+    with pytest.raises(FeatherFaceError, match="trained as 'v1_slim', .*resume it with train.py --model v1_slim"):
         train.main(make_args(tmp_path, "--resume", str(tmp_path / "w" / "t" / "last.pth"), model="v2"))
 
 

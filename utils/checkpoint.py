@@ -8,6 +8,7 @@ same folder + os.replace): a run killed while saving leaves the previous file in
 """
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -36,7 +37,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
-    """torch.save to a temp file beside `path`, fsync, then os.replace (atomic on POSIX)."""
+    """torch.save to a temp file beside `path`, fsync, then os.replace (atomic on POSIX). Temp files
+    of earlier saves to `path` that a killed process left behind are removed after a successful save."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -50,6 +52,8 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # one writer per checkpoint file
+        stale.unlink(missing_ok=True)
 
 
 def checkpoint_blob(model: nn.Module, **state: Any) -> Dict[str, Any]:

@@ -115,6 +115,16 @@ def write_deployment_package(model: nn.Module, out_dir: PathLike, onnx_path: Pat
         "top_k": str(thresholds["top_k"]), "keep_top_k": str(thresholds["keep_top_k"]),
         "input_size": (f"fixed input size {fixed_size[0]}x{fixed_size[1]} (images are letterboxed into it), dynamic "
                        "batch" if fixed_size else "dynamic batch/height/width"),
+        "size_note": (
+            f"H and W are fixed at {fixed_size[0]}x{fixed_size[1]} (exported with `--static_size`; the batch stays "
+            f"dynamic), so letterbox each image into that size: resize it by `s = min({fixed_size[0]} / h, "
+            f"{fixed_size[1]} / w)`, pad bottom/right with 0 after mean removal, and divide the coordinates that "
+            f"come back by `s` (`usage_example.py` does this)." if fixed_size else
+            "Any H, W >= 32 works; no resizing or padding to a multiple of 32 is needed. Boxes come back in the "
+            "pixels of the tensor you fed, so if you resize an image by a factor `s`, divide the coordinates by `s`."),
+        "max_size_note": ("`--max_size` does not apply to this package (every photo is letterboxed into the graph's "
+                          "fixed size)" if fixed_size else "`--max_size` downscales large photos first (coordinates "
+                          "are still returned in original pixels)"),
         "runtime_note": _runtime_note(m, onnx_path, opset),
         "parity_note": (
             "ONNX Runtime (CPU) vs PyTorch at export time, max absolute difference per output:\n\n```\n"

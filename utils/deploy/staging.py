@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Sequence, Union
 
+from utils.errors import FeatherFaceError
+
 PathLike = Union[str, Path]
 
 
@@ -33,6 +35,11 @@ def staged(targets: Sequence[PathLike]) -> Iterator[List[Path]]:
     are removed and the targets are left as they were.
     """
     targets = [Path(t) for t in targets]
+    for inner in targets:
+        for outer in targets:
+            if outer.resolve() in inner.resolve().parents:  # the folder would replace it on commit
+                raise FeatherFaceError(f"{inner} lies inside {outer}, which is written as a whole folder; "
+                                       f"choose an output outside it")
     created: List[Path] = []
     folders: List[Path] = []
     try:

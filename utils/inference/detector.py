@@ -182,7 +182,8 @@ def as_bgr(image: np.ndarray) -> np.ndarray:
 class FaceDetector:
     """Find faces with a FeatherFace checkpoint (.pth), an exported .onnx file or a model.
 
-    backend: "torch" (checkpoint or nn.Module), "onnx" (exported file) or "auto" (by suffix).
+    backend: "auto" (default: onnx for a .onnx file, torch otherwise), "torch" (checkpoint or
+    nn.Module) or "onnx" (exported file).
     fuse, channels_last: torch-backend speed-ups that keep outputs within 1e-4 (see TorchBackend);
     channels_last None means on for CPU. compile: torch.compile the network (torch backend; pays
     for many inputs of one size, see TorchBackend).
@@ -194,7 +195,7 @@ class FaceDetector:
     are returned in original-image pixels.
     """
 
-    def __init__(self, weights: Union[str, Path, nn.Module], backend: str = "torch", device: str = "cpu",
+    def __init__(self, weights: Union[str, Path, nn.Module], backend: str = "auto", device: str = "cpu",
                  image_size: Optional[int] = None, conf: float = DEMO_POSTPROCESS.conf_threshold,
                  nms: float = DEMO_POSTPROCESS.nms_threshold, top_k: Optional[int] = DEMO_POSTPROCESS.top_k,
                  keep_top_k: Optional[int] = DEMO_POSTPROCESS.keep_top_k, max_size: Optional[int] = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Set
 
 import cv2
 from tqdm import tqdm
@@ -26,6 +26,7 @@ class MediaRunner:
         if show and not self.show:
             print("warning: --show ignored: no display available", file=sys.stderr)
         self.results: Dict[str, List[dict]] = {"images": [], "videos": [], "errors": []}
+        self.written: Set[Path] = set()  # output files of this run
         self.progress = not quiet and sys.stderr.isatty()
 
     def fail(self, path: Path, message: str) -> None:
@@ -33,9 +34,15 @@ class MediaRunner:
         self.results["errors"].append({"file": str(path), "error": message})
 
     def target(self, path: Path, suffix: str) -> Path:
+        """Output file for `path`: its name with `suffix`; when another input of this run already
+        took that name (clip.mp4 and clip.avi both give clip.avi), the input's extension joins the
+        name (clip_mp4.avi)."""
         out = self.output / (path.stem + suffix)
+        if out in self.written:
+            out = self.output / f"{path.stem}_{path.suffix.lstrip('.').lower()}{suffix}"
         if out.resolve() == path.resolve():
             raise FeatherFaceError(f"--output {self.output} would overwrite the input {path}; choose another folder")
+        self.written.add(out)
         return out
 
     def image(self, path: Path) -> None:

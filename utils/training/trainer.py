@@ -404,7 +404,8 @@ class Trainer:
         if blob["model_config"] != net.config.to_dict():
             raise CheckpointError(
                 f"{path} was trained as '{blob['model_config'].get('name')}', this run builds '{net.config.name}'"
-            )
+                + ("; it is a distillation run: resume it with train_v2.py" if "teacher" in blob else
+                   f"; resume it with train.py --model {blob['model_config'].get('name')}"))
         load_state_strict(net, blob["model"], path)
         self.state = RunState(**{**blob["run_state"], "stop_reason": ""})
         position = self.position()
@@ -676,7 +677,8 @@ def init_from_checkpoint(model: nn.Module, path: str, log) -> None:
         changed = sorted(k for k in set(saved) | set(own) if saved.get(k) != own.get(k))
         raise CheckpointError(f"--init_weights {path} holds a '{saved.get('name')}' model, this run trains "
                               f"'{net.config.name}' (differing config fields: {', '.join(changed)}); "
-                              f"pick the matching --model")
+                              + ("train.py: pick the matching --model" if net.config.name != "v2" else
+                                 "train_v2.py trains V2 only: give a V2 checkpoint (a V1 one is a --teacher_model)"))
     load_state_strict(net, blob["model"], f"--init_weights {path}")
     log(f"model weights initialised from {path} (optimizer and schedule start afresh)")
 
