@@ -12,13 +12,34 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
+from types import ModuleType
+
 import torch
-from torchvision.ops import box_iou
 
 __all__ = [
     "point_form", "center_size", "box_iou", "encode", "decode", "encode_landmarks",
-    "decode_landmarks", "assign_priors", "match",
+    "decode_landmarks", "assign_priors", "match", "torchvision_ops",
 ]
+
+_TORCHVISION_OPS: Optional[ModuleType] = None
+
+
+def torchvision_ops() -> ModuleType:
+    """`torchvision.ops` (nms, box_iou, deform_conv2d, drop_block2d), imported on first use: importing
+    torchvision takes seconds (it loads torch._dynamo), which `--help`, label checks and the evaluator
+    do not need. Modules that call it in forward() call it once when built, so tracing and compiling
+    only ever read the cached module."""
+    global _TORCHVISION_OPS
+    if _TORCHVISION_OPS is None:
+        import torchvision.ops
+
+        _TORCHVISION_OPS = torchvision.ops
+    return _TORCHVISION_OPS
+
+
+def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """(N, 4) x (M, 4) corner-form boxes -> (N, M) IoU (torchvision's)."""
+    return torchvision_ops().box_iou(boxes1, boxes2)
 
 NUM_LANDMARK_POINTS = 5
 # RetinaFace drops a face whose best anchor overlaps it less than this (too small or too

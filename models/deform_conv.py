@@ -16,8 +16,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.ops
 from torch import Tensor
+
+from layers.box_utils import torchvision_ops
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -111,7 +112,7 @@ def deform_conv2d(
         upcast = [None if t is None else t.float() for t in (input, offset, weight, bias, mask)]
         out = deform_conv2d_fast(*upcast[:4], stride, padding, dilation, upcast[4])
         return out.to(input.dtype)
-    return torchvision.ops.deform_conv2d(
+    return torchvision_ops().deform_conv2d(
         input, offset, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
         _pair(dilation, "dilation"), mask,
     )
@@ -627,6 +628,7 @@ class DeformableConv2d(nn.Module):
         bias: bool = False,
     ) -> None:
         super().__init__()
+        torchvision_ops()  # imported while building, never while tracing, exporting or compiling
         kh, kw = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")

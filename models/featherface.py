@@ -11,9 +11,9 @@ from typing import Dict, List, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import drop_block2d
 
 from data.config import CONFIGS, ModelConfig, get_config
+from layers.box_utils import torchvision_ops
 from models.attention import CBAM, SharedCBAM, residual_attention
 from models.backbone import MobileNetV1
 from models.bifpn import BiFPN, BiFPNLight
@@ -34,6 +34,8 @@ class FeatherFace(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        if config.dropblock_prob > 0:
+            torchvision_ops()  # imported while building, never inside forward (tracing, compiling)
         c, levels = config.out_channels, config.backbone_channels
         self.body = MobileNetV1()
         if config.arch == "v1":
@@ -80,7 +82,7 @@ class FeatherFace(nn.Module):
         if self.training and self.config.dropblock_prob > 0:
             p, size = self.config.dropblock_prob, self.config.dropblock_size
             # Maps smaller than a block (tiny inputs) are left alone: nothing sensible to drop.
-            feats = [drop_block2d(f, p, size) if min(f.shape[-2:]) >= size else f for f in feats]
+            feats = [torchvision_ops().drop_block2d(f, p, size) if min(f.shape[-2:]) >= size else f for f in feats]
         return [shuffle(ssh(f)) for ssh, shuffle, f in zip(self.ssh, self.shuffle, feats)]
 
     def forward(self, x: torch.Tensor) -> Outputs:

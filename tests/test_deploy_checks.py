@@ -2,16 +2,12 @@
 keep-top-k cut and inside NMS) but nothing else, and all-or-nothing staged outputs."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
 from utils.deploy.parity import compare_detections, detection_graph_ok
 from utils.deploy.staging import staged
-from utils.errors import FeatherFaceError
+from utils.errors import FeatherFaceError, run_cli
 
 
 def faces(rows) -> np.ndarray:
@@ -111,8 +107,13 @@ def test_an_output_inside_a_staged_folder_is_refused(tmp_path, capsys):
         with staged([tmp_path / "pkg" / "custom.onnx", tmp_path / "pkg"]):
             pass
     assert not (tmp_path / "pkg").exists()
-    out = subprocess.run([sys.executable, "export_dynamic_onnx.py", "--random_init", "--model", "v2", "--output",
-                          str(tmp_path / "pkg" / "custom.onnx"), "--deployment_package", str(tmp_path / "pkg")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and "lies inside" in out.stderr and "wrote" not in out.stdout
+    import export_dynamic_onnx
+
+    args = export_dynamic_onnx.get_args_parser().parse_args(
+        ["--random_init", "--model", "v2", "--output", str(tmp_path / "pkg" / "custom.onnx"),
+         "--deployment_package", str(tmp_path / "pkg")])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(export_dynamic_onnx.main, args)
+    out = capsys.readouterr()
+    assert exit_info.value.code == 2 and "lies inside" in out.err and "wrote" not in out.out
     assert not (tmp_path / "pkg").exists()

@@ -166,6 +166,7 @@ def test_v2_dynamic_shapes_match_pytorch(v2):
     assert all(r.ok for r in rows), format_parity(rows)
 
 
+@pytest.mark.slow  # 45 s: an opt-in form; tests/test_rewrites.py checks its PyTorch side in the default run
 def test_padded_stem_export_matches_pytorch(tmp_path):
     """--pad_stem: the stem's convs are 16 channels wide in the graph, ORT agrees with the model."""
     needs_exporter()

@@ -13,7 +13,7 @@ import torch
 import train
 from tests.conftest import ROOT, shared_path
 from utils.checkpoint import atomic_torch_save, load_checkpoint, load_model
-from utils.errors import FeatherFaceError
+from utils.errors import FeatherFaceError, run_cli
 from utils.training.trainer import BadDatasetError, NonFiniteLossError, NonFiniteWeightsError, Trainer
 
 SAMPLE = ROOT / "data" / "sample" / "label.txt"
@@ -187,6 +187,22 @@ def test_non_finite_bn_statistics_are_never_saved(tmp_path, monkeypatch):
     for name, before in saved.items():
         after = load_checkpoint(tmp_path / "w" / "t" / name)["model"]
         assert all(torch.equal(before[k], after[k]) for k in before), name
+
+
+def test_ctrl_c_keeps_the_epoch_checkpoint_and_exits_130(tmp_path, monkeypatch, capsys):
+    real = Trainer.train_step
+
+    def interrupted(self, images, targets):
+        if self.state.iteration == 3:  # inside epoch 2
+            raise KeyboardInterrupt
+        return real(self, images, targets)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, make_args(tmp_path))
+    assert exit_info.value.code == 130 and capsys.readouterr().err.strip().endswith("interrupted")
+    blob = load_checkpoint(tmp_path / "w" / "t" / "last.pth")  # epoch 1's, staged then flushed
+    assert (blob["run_state"]["epoch"], blob["run_state"]["iteration"]) == (1, 2)
 
 
 def test_killed_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):

@@ -18,12 +18,16 @@ class CheckpointError(FeatherFaceError):
 
 
 def run_cli(main: Callable[..., T], *args: object) -> T:
-    """Call a script's main(); user errors become `error: <message>` on stderr and exit 2."""
+    """Call a script's main(); user errors become `error: <message>` on stderr and exit 2, Ctrl-C
+    (after the script's own clean-up, e.g. training keeping its last checkpoint) one line and exit 130."""
     try:
         return main(*args)
     except (FeatherFaceError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def _bounded(kind: type, description: str, accept: Callable[[float], bool]) -> Callable[[str], object]:

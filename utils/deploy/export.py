@@ -31,10 +31,9 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from torchvision.ops import nms
 
 from data.config import MEAN_BGR, ModelConfig
-from layers.box_utils import decode, decode_landmarks
+from layers.box_utils import decode, decode_landmarks, torchvision_ops
 from utils.deploy.rewrites import DEFORM_FORMS, STEM_BLOCK, deploy_model
 from utils.inference.detector import INPUT_NAME, ONNX_CONFIG_KEY, OUTPUT_NAMES, ort_session_options
 from utils.inference.postprocess import DEMO_POSTPROCESS, PostProcessConfig
@@ -267,6 +266,7 @@ class DetectionGraph(nn.Module):
     def __init__(self, model: nn.Module, nms_threshold: float = DEMO_POSTPROCESS.nms_threshold,
                  top_k: int = DEMO_POSTPROCESS.top_k, keep_top_k: int = DEMO_POSTPROCESS.keep_top_k) -> None:
         super().__init__()
+        torchvision_ops()  # imported now, not while the exporter traces forward()
         self.model = model
         self.nms_threshold, self.top_k, self.keep_top_k = float(nms_threshold), int(top_k), int(keep_top_k)
 
@@ -285,7 +285,7 @@ class DetectionGraph(nn.Module):
         boxes = decode(loc[0, order], kept_priors, config.variance)
         points = decode_landmarks(landm[0, order], kept_priors, config.variance)
         scores = scores[order]
-        kept = nms(boxes, scores, self.nms_threshold)[: self.keep_top_k]
+        kept = torchvision_ops().nms(boxes, scores, self.nms_threshold)[: self.keep_top_k]
         faces = torch.cat([boxes[kept], scores[kept, None], points[kept]], dim=1)
         return loc, conf, landm, faces
 

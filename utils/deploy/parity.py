@@ -7,10 +7,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
-from torchvision.ops import box_iou
 
 from data.config import MEAN_BGR
 from data.preprocess import letterbox, preprocess
+from layers.box_utils import box_iou
 from utils.deploy.export import (FACES_NAME, SCORE_THRESHOLD_NAME, ExportError, PathLike, detection_settings,
                                  fixed_input_size, ort_session)
 from utils.inference.detector import INPUT_NAME, OUTPUT_NAMES, session_input_size

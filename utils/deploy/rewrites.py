@@ -40,9 +40,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
+from layers.box_utils import torchvision_ops
 from models.attention import CBAM, ChannelGate, SharedCBAM, SpatialGate
 from models.context import SSH, ChannelShuffle, SSHGrouped, channel_shuffle
 from models.deform_conv import DeformableConv2d, deform_conv2d, deform_conv2d_siblings
@@ -246,7 +246,7 @@ class DeformableSampler(nn.Module):
         if self.form == "torch":
             return deform_conv2d(x, offset, self.weight, self.bias, padding=self.padding, mask=mask)
         if self.form == "deformconv":
-            return torchvision.ops.deform_conv2d(x, offset, self.weight, self.bias, padding=self.padding, mask=mask)
+            return torchvision_ops().deform_conv2d(x, offset, self.weight, self.bias, padding=self.padding, mask=mask)
         b, _, h, w = x.shape
         if self.form == "projected":
             # (B, K * Cout, H, W) as a MatMul, not a 1x1 Conv: ONNX Runtime would run the conv in its
@@ -254,7 +254,7 @@ class DeformableSampler(nn.Module):
             # bmm of the expanded weight: torch.matmul would pin the exported batch to the example's 1.
             weight = self.tap_weight.flatten(1).expand(b, -1, -1)
             taps = torch.bmm(weight, x.flatten(2)).unflatten(2, (h, w))
-            return torchvision.ops.deform_conv2d(taps, offset, self.weight, self.bias, mask=mask)
+            return torchvision_ops().deform_conv2d(taps, offset, self.weight, self.bias, mask=mask)
         taps = F.conv2d(x, self.tap_weight)  # (B, K * Cout, H, W)
         rows = torch.arange(h, dtype=x.dtype, device=x.device).view(1, 1, h, 1) * 2
         cols = torch.arange(w, dtype=x.dtype, device=x.device).view(1, 1, 1, w) * 2

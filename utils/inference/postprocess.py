@@ -15,9 +15,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torchvision.ops import nms
 
-from layers.box_utils import decode, decode_landmarks
+from layers.box_utils import decode, decode_landmarks, torchvision_ops
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 Scale = Union[float, Tuple[float, float]]
@@ -54,7 +53,7 @@ def nms_order(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, pixel
     if pixel_inclusive:
         boxes = boxes.clone()
         boxes[:, 2:] += 1
-    return nms(boxes, scores, threshold)
+    return torchvision_ops().nms(boxes, scores, threshold)
 
 
 def _as_tensor(x: ArrayLike, name: str, device: torch.device | None = None) -> torch.Tensor:
