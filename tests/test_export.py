@@ -181,6 +181,7 @@ def test_padded_stem_export_matches_pytorch(tmp_path):
     assert all(r.ok for r in rows), format_parity(rows)
 
 
+@pytest.mark.slow  # 30 s: an opt-in export form (--static_size)
 def test_static_size_export_is_fixed_and_letterboxed_everywhere(tmp_path):
     """--static_size: H and W fixed (the batch dynamic), up-sampling as scale-2 Resize, ORT equal to the
     model; FaceDetector, the detection graph's check and the package's usage example letterbox each
