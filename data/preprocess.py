@@ -88,16 +88,24 @@ def resize_scale(height: int, width: int, target_size: Optional[int], max_size: 
 def preprocess(image_bgr: np.ndarray, scale: float = 1.0) -> torch.Tensor:
     """HxWx3 BGR image -> (3, H', W') float32 tensor ready for the network.
 
-    `scale` resizes first (bilinear); boxes found on the tensor are divided by `scale`
-    to return to the original image.
+    `scale` resizes first (bilinear, on float32 pixels as the published test_widerface.py and
+    RetinaFace's detect.py resize: a uint8 resize would round every pixel to an integer, up to
+    0.5 away, which moved the published model's scores by up to 2e-2); boxes found on the tensor
+    are divided by `scale` to return to the original image.
     """
     if scale != 1.0:
+        _check_bgr(image_bgr)
         height, width = image_bgr.shape[:2]
-        # OpenCV rounds each side to the nearest pixel; a side that would round to 0 (a 1-pixel
-        # strip scaled down) keeps 1 pixel instead of failing.
-        dsize = None if min(height, width) * scale >= 0.5 else (max(1, round(width * scale)),
-                                                                max(1, round(height * scale)))
-        image_bgr = cv2.resize(image_bgr, dsize, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+        # OpenCV sizes the output by rounding each side half to even, and maps pixels by `scale`
+        # itself only when it sizes the output (an explicit dsize redefines the scale). A side
+        # that would round to 0 (a thin strip scaled down) keeps 1 pixel instead of failing.
+        size = (round(width * scale), round(height * scale))
+        dsize = None if min(size) >= 1 else (max(1, size[0]), max(1, size[1]))
+        resized = cv2.resize(image_bgr.astype(np.float32, copy=False), dsize, fx=scale, fy=scale,
+                             interpolation=cv2.INTER_LINEAR)
+        chw = torch.from_numpy(np.ascontiguousarray(resized.reshape(resized.shape[0], resized.shape[1], 3)
+                                                    .transpose(2, 0, 1)))
+        return chw.sub_(_MEAN_CHW)
     _check_bgr(image_bgr)
     # Transpose the uint8 image first, then convert and subtract in place: same values as
     # subtract_mean(...).transpose, about 3x faster at 640x640.

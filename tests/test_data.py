@@ -483,13 +483,28 @@ def test_val_transform_of_a_panorama_equals_padding_first():
     image = rng.integers(0, 256, (64, 4096, 3), dtype=np.uint8)
     boxes, landmarks = np.array([[100, 8, 164, 56]], np.float32), -np.ones((1, 10), np.float32)
     tensor, target = ValTransform(256)(image, boxes, landmarks)
-    reference = preprocess(cv2.resize(pad_to_square(image), (256, 256), interpolation=cv2.INTER_LINEAR))
+    reference = preprocess(cv2.resize(pad_to_square(image).astype(np.float32), (256, 256), interpolation=cv2.INTER_LINEAR))
     torch.testing.assert_close(tensor, reference, rtol=0, atol=0)
     np.testing.assert_allclose(target[0, :4], [100 / 4096, 8 / 4096, 164 / 4096, 56 / 4096])
     strip = rng.integers(0, 256, (1, 5000, 3), dtype=np.uint8)  # its short side scales to 0.05 px
     tensor, _ = ValTransform(256)(strip, np.zeros((0, 4), np.float32), np.zeros((0, 10), np.float32))
     assert tensor.shape == (3, 256, 256) and (tensor[:, 1:] == 0).all()
     assert tuple(preprocess(strip, 0.05).shape) == (3, 1, 250)
+
+
+def test_preprocess_resizes_float_pixels_as_opencv_sizes_them():
+    # The published test_widerface.py: cv2.resize(float32 image, None, fx=s, fy=s) - mean. Sizes whose
+    # sides land on .5 (OpenCV rounds half to even) included; a side rounding to 0 keeps 1 pixel.
+    rng = np.random.default_rng(1)
+    mean = np.float32([104, 117, 123])
+    for (height, width), scale in [((683, 1024), 2.099609375), ((199, 300), 7.166666666666667), ((5, 7), 0.5),
+                                   ((3, 9), 0.5), ((97, 1301), 1600 / 97), ((768, 1024), 0.3)]:
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        expected = cv2.resize(image.astype(np.float32), None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+        torch.testing.assert_close(preprocess(image, scale), torch.from_numpy((expected - mean).transpose(2, 0, 1)),
+                                   rtol=0, atol=0)
+    line = rng.integers(0, 256, (1, 3840, 3), dtype=np.uint8)  # the short side scales to exactly 0.5 px
+    assert tuple(preprocess(line, 0.5).shape) == (3, 1, 1920)
 
 
 def test_make_targets_and_collate():

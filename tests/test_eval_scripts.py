@@ -467,11 +467,38 @@ def test_default_run_writes_the_published_scripts_files(real_run):
         ours = (real_run["save"] / rel).read_text().splitlines()
         theirs = (PUBLISHED_TXT / rel).read_text().splitlines()
         assert ours[:2] == theirs[:2]  # image name and box count
-        ours_rows = [line.split() for line in ours[2:]]
-        theirs_rows = [line.split() for line in theirs[2:]]
-        assert [r[:4] for r in ours_rows] == [r[:4] for r in theirs_rows]  # integer boxes, same order
-        scores = np.array([[float(a[4]), float(b[4])] for a, b in zip(ours_rows, theirs_rows)])
-        assert np.abs(scores[:, 0] - scores[:, 1]).max() <= 1e-4
+        assert_same_published_rows(ours[2:], theirs[2:], 1e-4)
+
+
+def assert_same_published_rows(ours, theirs, score_tolerance):
+    """Box lines of a prediction file against the published script's: the same integer boxes in the
+    same order, scores within the tolerance (float32 kernels differ), the same line layout."""
+    assert [line.endswith(" ") for line in ours] == [line.endswith(" ") for line in theirs]  # "... score \n"
+    ours_rows, theirs_rows = [line.split() for line in ours], [line.split() for line in theirs]
+    assert [r[:4] for r in ours_rows] == [r[:4] for r in theirs_rows]  # integer boxes, same order
+    scores = np.array([[float(a[4]), float(b[4])] for a, b in zip(ours_rows, theirs_rows)])
+    assert np.abs(scores[:, 0] - scores[:, 1]).max() <= score_tolerance
+
+
+def test_no_origin_size_resizes_as_the_published_script(tmp_path):
+    # The published script's resize path (target 1600, max 2150) on two photos resized by OpenCV
+    # (tests/goldens/README.md): it resizes float32 pixels; a uint8 resize moved crowd_27's scores by
+    # 2e-2 and swapped two boxes.
+    images = tmp_path / "val" / "images" / "resized"
+    images.mkdir(parents=True)
+    for name, size in [("crowd_27", (455, 711)), ("group_8", (300, 199))]:
+        photo = cv2.imread(str(SAMPLE_IMAGES / f"{name}.jpg"), cv2.IMREAD_COLOR)
+        cv2.imwrite(str(images / f"{name}_{size[0]}x{size[1]}.png"), cv2.resize(photo, size, interpolation=cv2.INTER_LINEAR))
+    save = tmp_path / "out" / "predictions"
+    run_main(test_widerface, ["--weights", ROOT / "weights" / "featherface_v1_original.pth", "--no-origin_size",
+                              "--dataset_folder", images.parent, "--save_folder", save, "--quiet"])
+    golden = PUBLISHED_TXT.with_name("published_widerface_txt_resized")
+    assert prediction_files(save) == prediction_files(golden) == ["resized/crowd_27_455x711.txt",
+                                                                  "resized/group_8_300x199.txt"]
+    for rel in prediction_files(golden):
+        ours, theirs = (save / rel).read_text().splitlines(), (golden / rel).read_text().splitlines()
+        assert ours[:2] == theirs[:2] and int(theirs[1]) > 0
+        assert_same_published_rows(ours[2:], theirs[2:], 2e-5)
 
 
 def test_default_run_aps_equal_the_published_files_aps(real_run):

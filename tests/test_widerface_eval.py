@@ -366,7 +366,7 @@ def test_integer_prediction_lines_are_the_published_scripts(tmp_path):
     scores = np.float32([0.99966156, 0.020000001])
     write_prediction_file(path, "img", np.array([[818, 506, 62, 80, scores[0]], [-1, 0, 3, 4, scores[1]]]),
                           integer_boxes=True)
-    assert path.read_text() == "img\n2\n818 506 62 80 0.99966156\n-1 0 3 4 0.020000001\n"
+    assert path.read_text() == "img\n2\n818 506 62 80 0.99966156 \n-1 0 3 4 0.020000001 \n"
     assert np.float32(read_prediction_file(path)[:, 4]).tolist() == scores.tolist()  # float32 scores round-trip
     with pytest.raises(ValueError, match="integral"):
         write_prediction_file(path, "img", np.array([[1.5, 2, 3, 4, 0.5]]), integer_boxes=True)

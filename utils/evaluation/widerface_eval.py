@@ -260,8 +260,8 @@ def write_prediction_file(path: PathLike, image_name: str, boxes: np.ndarray, in
     """Write (K, 5) x, y, w, h, score boxes in the official layout.
 
     Default: every value as an exact float round trip. integer_boxes=True writes the lines of
-    the published test_widerface.py: x y w h as integers (they must already be integral) and
-    the score as `str(np.float32(score))`.
+    the published test_widerface.py byte for byte: x y w h as integers (they must already be
+    integral), the score as `str(np.float32(score))` and a space before the newline.
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
     path = Path(path)
@@ -270,7 +270,7 @@ def write_prediction_file(path: PathLike, image_name: str, boxes: np.ndarray, in
     if integer_boxes:
         if not np.array_equal(boxes[:, :4], np.trunc(boxes[:, :4])):
             raise ValueError("integer_boxes=True needs integral x, y, w, h")
-        lines += [" ".join([*(str(int(v)) for v in row[:4]), str(np.float32(row[4]))]) for row in boxes]
+        lines += [" ".join([*(str(int(v)) for v in row[:4]), str(np.float32(row[4])), ""]) for row in boxes]
     else:
         lines += [" ".join(repr(float(v)) for v in row) for row in boxes]
     path.write_text("\n".join(lines) + "\n")
