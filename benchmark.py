@@ -40,7 +40,8 @@ from models import build_model
 from utils.checkpoint import load_model
 from utils.inference.detector import OnnxBackend, TorchBackend, ort_session_options
 from utils.inference.memory import freed_memory_kept
-from utils.errors import FeatherFaceError, run_cli
+from utils.errors import FeatherFaceError, non_negative_int, positive_int, run_cli
+from utils.evaluation.run import check_output_path
 from utils.timing import (BenchConfig, count_flops, cpu_busy_before_run, cpu_steal_during, machine_info, markdown_table,
                           measure_configs, ratio_summary)
 
@@ -53,12 +54,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="random-init models")
     p.add_argument("--weights", nargs="*", type=Path, default=[], help="checkpoints to benchmark as well")
     p.add_argument("--sizes", nargs="+", type=int, default=[640], help="square input sizes (pixels)")
-    p.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes")
-    p.add_argument("--threads", nargs="+", type=int, default=[2], help="intra-op thread counts")
+    p.add_argument("--batch", nargs="+", type=positive_int, default=[1], help="batch sizes")
+    p.add_argument("--threads", nargs="+", type=positive_int, default=[2], help="intra-op thread counts")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["onnx", "torch", "eager"], help="what to time")
-    p.add_argument("--runs", type=int, default=30, help="timed calls per configuration")
-    p.add_argument("--warmup", type=int, default=5, help="untimed calls before timing")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds when --compare is given")
+    p.add_argument("--runs", type=positive_int, default=30, help="timed calls per configuration")
+    p.add_argument("--warmup", type=non_negative_int, default=5, help="untimed calls before timing")
+    p.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds when --compare is given")
     p.add_argument("--compare", nargs="*", type=Path, default=[],
                    help="other ONNX models (one NCHW float input) to time; the first is the ratio baseline")
     p.add_argument("--system_malloc", action="store_true",
@@ -71,17 +72,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def export_onnx(model: torch.nn.Module, path: Path, rewrite: bool = True) -> Path:
-    """Raw-output ONNX with dynamic batch/height/width, through the one exporter."""
+    """Raw-output ONNX with dynamic batch/height/width, through the one exporter (the example size only
+    seeds tracing)."""
     from utils.deploy.export import export_onnx as export  # the project's single export path
-
-    # The example size only seeds tracing; batch, height and width stay dynamic.
     return export(model, path, image_size=320, rewrite=rewrite)
 
 
 def compare_runner(path: Path, threads: int) -> Callable[[torch.Tensor], object]:
     """Run any single-input ONNX model (all outputs fetched)."""
     import onnxruntime as ort
-
     session = ort.InferenceSession(str(path), ort_session_options(threads), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x.numpy()})
@@ -90,8 +89,10 @@ def compare_runner(path: Path, threads: int) -> Callable[[torch.Tensor], object]
 def input_dims(path: Path) -> List[Optional[int]]:
     """[batch, H, W] of an ONNX model's first input; None where the dim is dynamic."""
     import onnxruntime as ort
-
-    shape = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].shape
+    try:
+        shape = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].shape
+    except Exception as exc:  # noqa: BLE001 - missing, not ONNX, unsupported ops: the same user error
+        raise FeatherFaceError(f"--compare {path}: ONNX Runtime cannot load it as a model ({exc})") from None
     if len(shape) != 4:
         raise FeatherFaceError(f"{path}: expected one NCHW input, got shape {shape}")
     return [d if isinstance(d, int) else None for d in (shape[0], shape[2], shape[3])]
@@ -102,9 +103,10 @@ def main(args: argparse.Namespace) -> List[Dict]:
                 "cpu_busy_at_start": cpu_busy_before_run(warn=True)}  # warns when other work holds the CPUs
     if args.quick:
         args.sizes, args.threads, args.batch, args.runs, args.warmup, args.rounds = [64], [1], [1], 3, 1, 2
-    if (min(args.sizes) < 32 or min(args.batch) < 1 or min(args.threads) < 1 or args.runs < 1 or args.warmup < 0
-            or args.rounds < 1):
-        raise FeatherFaceError("need --sizes >= 32, --batch/--threads/--runs/--rounds >= 1 and --warmup >= 0")
+    if min(args.sizes) < 32:
+        raise FeatherFaceError(f"--sizes must be at least 32 pixels, got {min(args.sizes)}")
+    check_output_path(args.json, "--json")  # before anything is timed
+    compare_dims = {path: input_dims(path) for path in args.compare}  # a bad --compare file fails now
     models = [(name, build_model(name)) for name in args.models]
     for path in args.weights:
         model, _ = load_model(path)
@@ -114,8 +116,7 @@ def main(args: argparse.Namespace) -> List[Dict]:
     combos = list(itertools.product(args.sizes, args.batch, args.threads))
     configs: List[BenchConfig] = []
     with tempfile.TemporaryDirectory(prefix="featherface-bench-") as tmp:
-        for path in args.compare:
-            fixed_batch, height, width = input_dims(path)
+        for path, (fixed_batch, height, width) in compare_dims.items():
             # A fixed-shape model gives the same configuration for several combos: time it once.
             for size, batch, threads in dict.fromkeys(((height or s, width or s), fixed_batch or b, t)
                                                       for s, b, t in combos):

@@ -20,11 +20,11 @@ from torch import nn
 
 from models import build_model, count_parameters
 from utils.checkpoint import load_model
-from utils.errors import FeatherFaceError, run_cli
+from utils.errors import FeatherFaceError, positive_int, run_cli
 from utils.timing import count_flops, measure_latency
 from utils.evaluation.widerface_eval import SETTINGS
 from utils.evaluation.predict import file_digest
-from utils.evaluation.run import add_inference_args, build_detector, run_widerface
+from utils.evaluation.run import add_inference_args, build_detector, check_output_path, run_widerface
 
 
 def load_entries(args: argparse.Namespace) -> List[Tuple[str, str, nn.Module]]:
@@ -65,8 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", type=str, nargs="+", default=None, help="model names to compare at random init")
     parser.add_argument("--seed", type=int, default=0, help="seed for random-init models")
     parser.add_argument("--input_size", type=int, default=640, help="square input for FLOPs and latency")
-    parser.add_argument("--runs", type=int, default=20, help="timed forward passes per model (median reported)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the latency runs")
+    parser.add_argument("--runs", type=positive_int, default=20, help="timed forward passes per model (median shown)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads for the latency runs")
     parser.add_argument("--save_root", type=str, default="runs/compare", help="prediction folders go under here")
     parser.add_argument("--output_md", type=str, default=None, help="write the Markdown table here")
     parser.add_argument("--output_json", type=str, default=None, help="write all numbers as JSON here")
@@ -75,10 +75,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> List[Dict[str, object]]:
-    if args.runs < 1 or args.threads < 1:
-        raise FeatherFaceError("--runs and --threads must be at least 1")
     if (args.dataset_folder is None) != (args.gt_dir is None):
         raise FeatherFaceError("give both --dataset_folder and --gt_dir to compare APs (or neither)")
+    for path, flag in ((args.output_md, "--output_md"), (args.output_json, "--output_json")):
+        check_output_path(path, flag)  # before any model runs
+    check_output_path(args.save_root if args.dataset_folder else None, "--save_root", folder=True)
     torch.set_num_threads(args.threads)
     size = args.input_size
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 50  # ~ mean-subtracted pixels

@@ -18,9 +18,9 @@ from typing import Dict
 
 import torch
 
-from utils.errors import FeatherFaceError, run_cli
+from utils.errors import FeatherFaceError, non_negative_int, run_cli
 from utils.evaluation.predict import file_digest
-from utils.evaluation.run import add_inference_args, build_detector, run_widerface
+from utils.evaluation.run import add_inference_args, build_detector, output_paths, run_widerface
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -33,8 +33,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results_json", type=str, default=None,
                         help="APs as JSON (default <save_folder>/../results.json)")
     parser.add_argument("--pr_curve", type=str, default=None, help="PR-curve PNG (default beside the JSON)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch and ONNX Runtime (default: their choice)")
+    parser.add_argument("--threads", type=non_negative_int, default=0,
+                        help="CPU threads for torch and ONNX Runtime (default 0: the libraries' own choice)")
     add_inference_args(parser)
     return parser
 
@@ -45,11 +45,11 @@ def main(args: argparse.Namespace) -> Dict[str, object]:
     if not Path(args.weights).is_file():
         raise FeatherFaceError(f"weights not found: {args.weights}")
     save_folder = Path(args.save_folder or Path("runs", "widerface", Path(args.weights).stem, "predictions"))
+    results_json, pr_curve = (Path(p) if p else None for p in (args.results_json, args.pr_curve))
+    output_paths(args, save_folder, results_json, pr_curve)  # a bad output path fails before the model loads
     detector = build_detector(args, args.weights, args.backend)
     model_id = f"sha256:{file_digest(args.weights)}"
-    return run_widerface(args, detector, Path(args.weights).name, model_id, save_folder,
-                         Path(args.results_json) if args.results_json else None,
-                         Path(args.pr_curve) if args.pr_curve else None)
+    return run_widerface(args, detector, Path(args.weights).name, model_id, save_folder, results_json, pr_curve)
 
 
 if __name__ == "__main__":

@@ -604,3 +604,75 @@ def test_onnx_export_gives_the_same_aps(real_run, tmp_path):
         "--gt_dir", real_run["gt_dir"], "--save_folder", tmp_path / "out" / "predictions", "--quiet"])
     for setting in SETTINGS:
         assert results[setting] == pytest.approx(real_run["results"][setting], abs=1e-4)
+
+
+# ------------------------------------------------------------------- bad input is refused up front
+
+
+@pytest.mark.parametrize("argv", [["--confidence_threshold", "2"], ["--confidence_threshold", "nan"],
+                                  ["--nms_threshold", "-0.1"], ["--threads", "-1"]])
+def test_out_of_range_flags_are_usage_errors(argv, capsys):
+    # A threshold above 1 wrote complete-looking 0-face files; NaN in the settings record refused every resume.
+    with pytest.raises(SystemExit) as exit_info:
+        test_widerface.get_args_parser().parse_args(["--weights", "w.pth", "--dataset_folder", "d", *argv])
+    assert exit_info.value.code == 2
+    assert f"argument {argv[0]}: expected" in capsys.readouterr().err
+
+
+def test_threads_zero_means_the_library_default():
+    parse = test_widerface.get_args_parser().parse_args
+    assert parse(["--weights", "w.pth", "--dataset_folder", "d"]).threads == 0
+    assert "0: the libraries' own choice" in " ".join(test_widerface.get_args_parser().format_help().split())
+    with pytest.raises(SystemExit):
+        test_v1_v2_comparison.get_args_parser().parse_args(["--models", "v1", "v2", "--threads", "0"])
+
+
+def test_bad_output_paths_stop_before_the_model_loads(made_up, tmp_path, monkeypatch):
+    monkeypatch.setattr(test_widerface, "build_detector", lambda *a, **k: pytest.fail("the model was loaded"))
+    a_file, a_folder, gt = tmp_path / "a_file", tmp_path / "a_folder", tmp_path / "gt"  # gt: checked later
+    a_file.write_text("keep me")
+    a_folder.mkdir()
+    cases = [([], a_file, "--save_folder .*a_file is a file; give a folder path"),
+             (["--gt_dir", gt, "--results_json", a_folder], tmp_path / "p", "--results_json .*a_folder is a folder"),
+             (["--gt_dir", gt, "--results_json", a_file / "r.json"], tmp_path / "p", "a_file is a file, not a folder"),
+             (["--gt_dir", gt, "--pr_curve", a_file / "pr.png"], tmp_path / "p", "--pr_curve .*a_file is a file"),
+             (["--gt_dir", gt, "--pr_curve", tmp_path / "pr.xyz"], tmp_path / "p", "use a .png file name")]
+    for extra, save, message in cases:
+        with pytest.raises(FeatherFaceError, match=message):
+            run_main(test_widerface, made_up_args(made_up, save, *extra))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder"]  # no stray settings record
+    assert a_file.read_text() == "keep me"
+
+
+def test_comparison_checks_its_output_files_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(test_v1_v2_comparison, "load_entries", lambda args: pytest.fail("models were built"))
+    with pytest.raises(FeatherFaceError, match="--output_json .* is a folder"):
+        run_main(test_v1_v2_comparison, ["--models", "v1", "v2", "--output_json", tmp_path])
+
+
+def test_settings_record_without_predictions_does_not_block_the_next_run(made_up, tmp_path):
+    # A run that failed before its first image (e.g. --weights an exported *_postprocess.onnx) left only its record.
+    save = tmp_path / "pred"
+    (tmp_path / "pred_settings.json").write_text(json.dumps({"model": "sha256:other", "confidence_threshold": 0.9}))
+    listing = tmp_path / "one.txt"
+    listing.write_text("1--Sample/group_8.jpg\n")
+    results, _ = run_main(test_widerface, made_up_args(made_up, save, "--image_list", listing))
+    assert results["prediction"]["written"] == 1
+    assert json.loads((tmp_path / "pred_settings.json").read_text())["model"] != "sha256:other"
+    with pytest.raises(FeatherFaceError, match="other settings"):  # with predictions the record binds again
+        run_main(test_widerface, made_up_args(made_up, save, "--image_list", listing, "--confidence_threshold", "0.5"))
+
+
+def test_dangling_links_and_folders_named_like_images_are_reported_unreadable(made_up, tmp_path):
+    event = tmp_path / "images" / "1--Ev"
+    event.mkdir(parents=True)
+    shutil.copy(SAMPLE_IMAGES / "group_8.jpg", event / "a.jpg")
+    (event / "b.jpg").symlink_to(tmp_path / "gone.jpg")
+    (event / "c.jpg").mkdir()
+    assert list_images(tmp_path / "images") == ["1--Ev/a.jpg", "1--Ev/b.jpg", "1--Ev/c.jpg"]
+    args = made_up_args(made_up, tmp_path / "pred")
+    args[args.index("--dataset_folder") + 1] = tmp_path / "images"
+    results, out = run_main(test_widerface, args)
+    assert results["prediction"]["written"] == 1
+    assert results["prediction"]["unreadable"] == ["1--Ev/b.jpg", "1--Ev/c.jpg"]
+    assert "2 unreadable image(s)" in out and "1--Ev/b.jpg" in out and "1--Ev/c.jpg" in out

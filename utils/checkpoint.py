@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tup
 import torch
 from torch import nn
 
-from data.config import ModelConfig
+from data.config import CONFIGS, ModelConfig
 from utils.errors import CheckpointError
 
 FORMAT = "featherface"
@@ -82,11 +82,48 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise many types
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a torch file): {exc}") from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        hint = ""
-        if isinstance(blob, dict) and any(str(k).startswith(("bacbkbone_", "body.", "module.body.")) for k in blob):
-            hint = " It looks like a published FeatherFace state dict: convert it with `python -m utils.convert_official`."
+        hint = _state_dict_hint(blob)
         raise CheckpointError(f"{path} is not a FeatherFace checkpoint (no model config inside).{hint}")
+    if isinstance(blob.get("model"), dict):
+        blob["model"] = strip_wrapper_prefix(blob["model"])
     return blob
+
+
+WRAPPER_PREFIX = "module."  # DataParallel / DistributedDataParallel put it before every key of the wrapped model
+# Top-level module names only one of the two state-dict formats has (`body.`, the backbone, is in both):
+# the published code's (utils/convert_official.py; `bacbkbone_` [sic]) and this repository's models.
+PUBLISHED_ONLY = ("bacbkbone_", "bif_cbam_", "ssh1.", "ClassHead.", "BboxHead.", "LandmarkHead.")
+OURS_ONLY = ("backbone_cbam.", "bifpn_cbam.", "class_head.", "bbox_head.", "landmark_head.")
+
+
+def strip_wrapper_prefix(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A state dict saved from a DataParallel / DDP-wrapped model has `module.` on every key: drop it
+    (only when every key has it, so a model with a submodule really named `module` keeps its names)."""
+    if state and all(str(k).startswith(WRAPPER_PREFIX) for k in state):
+        return {k[len(WRAPPER_PREFIX):]: v for k, v in state.items()}
+    return state
+
+
+def _state_dict_hint(blob: Any) -> str:
+    """What a file without our checkpoint format holds and how to use it ('' when unrecognised)."""
+    from models import build_model  # local import: models imports nothing from utils
+
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        return ""
+    state = strip_wrapper_prefix(state)
+    if any(str(k).startswith(PUBLISHED_ONLY) for k in state):
+        return (" It looks like a published FeatherFace state dict: convert it with "
+                "`python -m utils.convert_official SRC DST`.")
+    if not any(str(k).startswith(OURS_ONLY) for k in state):
+        return ""
+    tensors = all(isinstance(v, torch.Tensor) for v in state.values())
+    fits = [name for name in CONFIGS if tensors and not state_mismatch(build_model(name).state_dict(), state)]
+    model = f"'{fits[0]}'" if len(fits) == 1 else "<name>"
+    what = f"of this repository's {model} model" if fits else "named like this repository's models (none fits exactly)"
+    return (f" It is a bare state dict {what} (weights only, no model config): rebuild the model with "
+            f"models.build_model({model}), load it with utils.checkpoint.load_state_strict(model, state, name) and "
+            f"save it with utils.checkpoint.save_checkpoint(path, model), which stores the config load_model needs.")
 
 
 def config_of(blob: Dict[str, Any]) -> ModelConfig:

@@ -43,19 +43,23 @@ NO_LIMIT = 0  # top_k / keep_top_k value meaning "keep every box", as the publis
 
 def list_images(dataset_folder: PathLike, image_list: Optional[PathLike] = None) -> List[str]:
     """Relative paths `event/name.jpg`: the lines of `image_list`, or every image one folder
-    below `dataset_folder` (the WIDER layout `<event>/<image>.jpg`), sorted."""
+    below `dataset_folder` (the WIDER layout `<event>/<image>.jpg`), sorted.
+
+    An entry named like an image that is no readable file (a dangling symlink, a folder named
+    x.jpg) is listed like any other image, so predict_images reports it with the unreadable
+    images (a warning and PredictionSummary.unreadable) instead of it vanishing from the run."""
     root = Path(dataset_folder)
     if image_list is not None:
         return read_image_list(image_list, IMAGE_SUFFIXES)
     if not root.is_dir():
         raise FeatherFaceError(f"dataset folder {root} does not exist")
-    stray = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    stray = sorted(p.name for p in root.iterdir() if not p.is_dir() and p.suffix.lower() in IMAGE_SUFFIXES)
     if stray:
         raise FeatherFaceError(f"{root} holds images directly ({stray[0]}, ...); expected the WIDER layout "
                                f"<event>/<image>.jpg (point --dataset_folder at WIDER_val/images)")
     events = [event for event in root.iterdir() if event.is_dir()]
     images = sorted(f"{event.name}/{p.name}" for event in events
-                    for p in event.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                    for p in event.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise FeatherFaceError(f"no <event>/<image>.jpg images under {root}")
     deeper = sorted(p for event in events for sub in event.iterdir() if sub.is_dir()
@@ -124,9 +128,10 @@ def check_settings(save_folder: PathLike, settings: Dict[str, object], overwrite
                    rewritten: Sequence[Path] = ()) -> None:
     """Record the run's settings; refuse to resume a folder written with other settings, and
     refuse to overwrite only part of one (`rewritten`: the files this run writes), which would
-    leave files of the old settings under the new record."""
+    leave files of the old settings under the new record. A record beside a folder without
+    prediction files (a run that failed before its first image) binds nothing and is replaced."""
     path = settings_path(save_folder)
-    if not path.is_file():
+    if not path.is_file() or not any(Path(save_folder).glob("*/*.txt")):
         changed: List[str] = []
     else:
         try:

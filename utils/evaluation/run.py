@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
+import cv2
 from torch import nn
 
-from utils.errors import FeatherFaceError
+from utils.errors import FeatherFaceError, unit_float
 from utils.evaluation.pr_plot import save_pr_curves
-from utils.evaluation.predict import NO_LIMIT, evaluate_images, list_images, predict_images, published_protocol_detector
+from utils.evaluation.predict import (NO_LIMIT, evaluate_images, list_images, predict_images,
+                                      published_protocol_detector, settings_path)
 from utils.evaluation.widerface_eval import load_ground_truth, select_images
 from utils.inference.detector import FaceDetector
 from utils.inference.postprocess import WIDER_POSTPROCESS
@@ -33,15 +36,16 @@ def add_inference_args(parser: argparse.ArgumentParser, require_dataset: bool = 
                              "RetinaFace: short side 1600, long side <= 2150)")
     parser.add_argument("--image_size", type=int, default=None, help="resize the short side to this many pixels")
     parser.add_argument("--max_size", type=int, default=None, help="cap on the long side after resizing (pixels)")
-    parser.add_argument("--confidence_threshold", type=float, default=WIDER_POSTPROCESS.conf_threshold,
-                        help="keep scores above this")
-    parser.add_argument("--nms_threshold", type=float, default=WIDER_POSTPROCESS.nms_threshold,
+    parser.add_argument("--confidence_threshold", type=unit_float, default=WIDER_POSTPROCESS.conf_threshold,
+                        help="keep scores above this (0 to 1)")
+    parser.add_argument("--nms_threshold", type=unit_float, default=WIDER_POSTPROCESS.nms_threshold,
                         help="NMS IoU threshold (IoU counted in inclusive pixels, as the published script)")
-    # The published script has --top_k 5000 / --keep_top_k 750 flags but applies neither.
+    # The published script has --top_k 5000 / --keep_top_k 750 flags but applies neither. Negative values are
+    # refused (by published_protocol_detector, before the model loads).
     parser.add_argument("--top_k", type=int, default=NO_LIMIT,
-                        help="best boxes kept before NMS; 0 = all (the published script applies no top-k)")
+                        help="best boxes kept before NMS; 0 (default) = all, as the published script (no top-k)")
     parser.add_argument("--keep_top_k", type=int, default=NO_LIMIT,
-                        help="boxes kept after NMS; 0 = all (the published script applies no keep-top-k)")
+                        help="boxes kept after NMS; 0 (default) = all, as the published script (no keep-top-k)")
     parser.add_argument("--flip", action="store_true", help="test-time augmentation: add a mirrored pass")
     parser.add_argument("--scales", type=float, nargs="+", default=None,
                         help="test-time augmentation: resize factors on top of the base size, e.g. 0.5 1 1.5")
@@ -68,6 +72,40 @@ def input_size(args: argparse.Namespace) -> Tuple[Optional[int], Optional[int]]:
     return None, args.max_size
 
 
+def check_output_path(path: Optional[Union[str, Path]], flag: str, folder: bool = False) -> None:
+    """Refuse up front (before any model loads or image runs) an output path that cannot be written: a
+    folder where a file goes or the reverse, a path below a file, or one in a folder without write access.
+    None (an output not asked for) passes."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kind, wanted = ("a file", "folder") if folder else ("a folder", "file")
+        raise FeatherFaceError(f"{flag} {path} is {kind}; give a {wanted} path")
+    existing = path if path.exists() else next(p for p in path.parents if p.exists())
+    if not existing.is_dir() and existing != path:
+        raise FeatherFaceError(f"{flag} {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        raise FeatherFaceError(f"{flag} {path} cannot be written: no write permission for {existing}")
+
+
+def output_paths(args: argparse.Namespace, save_folder: Path, results_json: Optional[Path] = None,
+                 pr_curve: Optional[Path] = None) -> Tuple[Optional[Path], Optional[Path]]:
+    """Check every output of a run before it starts; returns where the APs (JSON) and PR curves (PNG) go
+    (default: beside the prediction folder), None for both without --gt_dir (nothing is evaluated)."""
+    check_output_path(save_folder, "--save_folder", folder=True)
+    check_output_path(settings_path(save_folder), "the settings record of --save_folder")
+    if args.gt_dir is None:
+        return None, None
+    results_json = results_json or save_folder.parent / "results.json"
+    pr_curve = pr_curve or results_json.with_name("pr_curves.png")
+    check_output_path(results_json, "--results_json")
+    check_output_path(pr_curve, "--pr_curve")
+    if not cv2.haveImageWriter(str(pr_curve)):
+        raise FeatherFaceError(f"--pr_curve {pr_curve}: OpenCV cannot write this image type; use a .png file name")
+    return results_json, pr_curve
+
+
 def build_detector(args: argparse.Namespace, weights: Union[str, Path, nn.Module],
                    backend: str = "auto") -> FaceDetector:
     """The published protocol's detector with this run's resize and thresholds (backend "auto": by suffix)."""
@@ -85,6 +123,7 @@ def run_widerface(args: argparse.Namespace, detector: FaceDetector, label: str, 
     """
     if args.dataset_folder is None:
         raise FeatherFaceError("--dataset_folder is required (WIDER_val/images)")
+    results_json, pr_curve = output_paths(args, save_folder, results_json, pr_curve)
     images = list_images(args.dataset_folder, args.image_list)
     if args.gt_dir is not None:  # a wrong --gt_dir or image list fails now, not after every image has run
         gt = load_ground_truth(args.gt_dir)
@@ -105,10 +144,8 @@ def run_widerface(args: argparse.Namespace, detector: FaceDetector, label: str, 
     print(f"evaluated on {evaluated} of {total} val images")
     print("\n".join(result.lines()))
     results.update(result.to_dict(), images_evaluated=evaluated, images_total=total, result=result)
-    results_json = results_json or save_folder.parent / "results.json"
     results_json.parent.mkdir(parents=True, exist_ok=True)
     results_json.write_text(json.dumps({k: v for k, v in results.items() if k != "result"}, indent=2) + "\n")
-    pr_curve = save_pr_curves(result, pr_curve or results_json.with_name("pr_curves.png"),
-                              f"{label}: WIDER FACE val ({evaluated} images)")
+    pr_curve = save_pr_curves(result, pr_curve, f"{label}: WIDER FACE val ({evaluated} images)")
     print(f"wrote {results_json} and {pr_curve}")
     return results
