@@ -108,7 +108,7 @@ def test_detector_rejects_bad_input():
     with pytest.raises(FeatherFaceError, match="expected an image array"):
         detector.detect(None)
     with pytest.raises(FeatherFaceError, match="HxWx3"):
-        detector.detect(np.zeros((32, 32, 4), np.uint8))
+        detector.detect(np.zeros((32, 32, 2), np.uint8))  # BGRA (HxWx4) loses its alpha: test_inference_inputs.py
     with pytest.raises(FeatherFaceError, match="unknown backend"):
         FaceDetector(build_model("v2"), backend="tflite")
     with pytest.raises(FeatherFaceError, match="not found"):

@@ -7,7 +7,8 @@ import torch
 
 from layers.box_utils import encode, encode_landmarks
 from layers.prior_box import prior_boxes
-from utils.inference.postprocess import detect_faces, detect_faces_batch
+from utils.errors import FeatherFaceError
+from utils.inference.postprocess import WIDER_POSTPROCESS, PostProcessConfig, detect_faces, detect_faces_batch
 
 VAR = (0.1, 0.2)
 SIZE = (100, 200)  # network input (H, W)
@@ -50,6 +51,29 @@ def test_keep_top_k_and_top_k():
     # top_k cuts before NMS: p0 and p1 survive the cut, then NMS removes p1
     assert run(top_k=2).shape == (1, 15)
     assert run(top_k=3).shape == (2, 15)
+
+
+@pytest.mark.parametrize("field, value", [("conf_threshold", 2.0), ("conf_threshold", -1.0),
+                                          ("conf_threshold", float("nan")), ("nms_threshold", -1.0),
+                                          ("nms_threshold", 5.0), ("nms_threshold", float("inf")),
+                                          ("top_k", -5), ("keep_top_k", -1), ("keep_top_k", 2.5),
+                                          ("top_k", True)])
+def test_settings_out_of_range_are_refused(field, value):
+    """A negative keep_top_k used to slice [:-1] (one face lost), top_k -5 ended in a torch
+    RuntimeError, a NaN conf silently found nothing: PostProcessConfig and detect_faces refuse them."""
+    with pytest.raises(FeatherFaceError, match=f"^{field} must be"):
+        PostProcessConfig(**{field: value})
+    with pytest.raises(FeatherFaceError, match=f"^{field} must be"):
+        run(**{field: value})
+
+
+def test_top_k_0_means_no_limit_as_in_the_evaluation_scripts():
+    """test_widerface.py's --top_k 0 / --keep_top_k 0 mean "all boxes"; the API used to return none."""
+    assert PostProcessConfig(top_k=0, keep_top_k=0) == PostProcessConfig(top_k=None, keep_top_k=None)
+    np.testing.assert_array_equal(run(top_k=0, keep_top_k=0), run(top_k=None, keep_top_k=None))
+    assert run(top_k=0, keep_top_k=0).shape == (2, 15)
+    assert PostProcessConfig(conf_threshold=0, nms_threshold=1).conf_threshold == 0  # the ends are fine
+    assert WIDER_POSTPROCESS.top_k is None and PostProcessConfig(top_k=np.int64(3)).top_k == 3
 
 
 def test_scale_divides_coordinates():

@@ -17,13 +17,27 @@ class CheckpointError(FeatherFaceError):
     """A checkpoint cannot be read or does not fit the model asked for."""
 
 
+# OSErrors a user causes with a path (missing, already there, a file where a folder belongs or
+# the reverse, no permission): scripts report them like FeatherFaceError.
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for a user error; an OSError with a path reads `<reason>: <path>`."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        paths = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{exc.strerror or type(exc).__name__}: {paths}"
+    return str(exc)
+
+
 def run_cli(main: Callable[..., T], *args: object) -> T:
-    """Call a script's main(); user errors become `error: <message>` on stderr and exit 2, Ctrl-C
-    (after the script's own clean-up, e.g. training keeping its last checkpoint) one line and exit 130."""
+    """Call a script's main(); user errors (FeatherFaceError, PATH_ERRORS) become `error: <message>`
+    on stderr and exit 2, Ctrl-C (after the script's own clean-up, e.g. training keeping its last
+    checkpoint) one line and exit 130."""
     try:
         return main(*args)
-    except (FeatherFaceError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (FeatherFaceError, *PATH_ERRORS) as exc:
+        print(f"error: {error_message(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -60,6 +61,23 @@ def backend_for(weights: Union[str, Path, nn.Module]) -> str:
     return "onnx" if isinstance(weights, (str, Path)) and Path(weights).suffix.lower() == ".onnx" else "torch"
 
 
+def torch_device(device: Union[str, torch.device]) -> torch.device:
+    """`device` as a torch.device that this machine can use, else FeatherFaceError (an unknown
+    name, 'cuda' without a GPU, a GPU index that does not exist)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise FeatherFaceError(f"unknown torch device {device!r}; use e.g. 'cpu', 'cuda' or 'cuda:0'") from None
+    try:
+        torch.empty(0, device=parsed)  # fails for a device this machine lacks
+    except (RuntimeError, AssertionError) as exc:
+        first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        reason = first_line.split(". ")[0].rstrip(".")  # torch's first sentence
+        raise FeatherFaceError(f"torch device {device!r} is not available on this machine ({reason}); "
+                               f"use 'cpu'") from exc
+    return parsed
+
+
 class TorchBackend:
     """Runs a FeatherFace nn.Module (eval mode, inference_mode).
 
@@ -80,7 +98,7 @@ class TorchBackend:
 
     def __init__(self, model: nn.Module, device: Union[str, torch.device] = "cpu", fuse: bool = True,
                  channels_last: Optional[bool] = None, keep_memory: bool = True, compile: bool = False) -> None:
-        self.device = torch.device(device)
+        self.device = torch_device(device)
         self.config: ModelConfig = model.config
         if channels_last is None:
             channels_last = self.device.type == "cpu"
@@ -135,6 +153,28 @@ def session_input_size(session) -> Optional[Tuple[int, int]]:
     return (height, width) if isinstance(height, int) and isinstance(width, int) else None
 
 
+def _ranks(args) -> Dict[str, int]:
+    """name -> rank of an ONNX Runtime session's inputs or outputs (-1: unknown)."""
+    return {a.name: -1 if a.shape is None else len(a.shape) for a in args}
+
+
+def _listed(ranks: Dict[str, int]) -> str:
+    return ", ".join(f"{name} (rank {rank})" for name, rank in ranks.items())
+
+
+def check_raw_output_graph(session, path: Union[str, Path]) -> None:
+    """FeatherFaceError unless the session's graph has the raw-output export's interface (what
+    utils/deploy/export.py writes): input `input` (B, 3, H, W), outputs bbox_regressions,
+    classifications, landmarks (B, N, C). Refuses e.g. the *_postprocess.onnx detection graph."""
+    inputs, outputs = _ranks(session.get_inputs()), _ranks(session.get_outputs())
+    expected_inputs, expected_outputs = {INPUT_NAME: 4}, {name: 3 for name in OUTPUT_NAMES}
+    if (inputs, outputs) != (expected_inputs, expected_outputs):
+        raise FeatherFaceError(
+            f"{path} is not a FeatherFace raw-output export: expected inputs {_listed(expected_inputs)} and "
+            f"outputs {_listed(expected_outputs)}, got inputs {_listed(inputs)} and outputs {_listed(outputs)} "
+            f"(a *_postprocess.onnx detection graph is for the deployment package; pass the raw .onnx export)")
+
+
 class OnnxBackend:
     """Runs an exported raw-output graph with ONNX Runtime (CPU unless providers say otherwise)."""
 
@@ -149,6 +189,7 @@ class OnnxBackend:
                                                 providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as exc:  # noqa: BLE001 - ORT raises several types for bad files
             raise FeatherFaceError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+        check_raw_output_graph(self.session, path)
         meta = self.session.get_modelmeta().custom_metadata_map
         if ONNX_CONFIG_KEY not in meta:
             raise FeatherFaceError(f"{path} has no FeatherFace model config in its metadata; export it with export_dynamic_onnx.py")
@@ -162,21 +203,46 @@ class OnnxBackend:
 
 
 def as_bgr(image: np.ndarray) -> np.ndarray:
-    """An image as the network takes it: HxWx3 BGR with 0-255 values. A grayscale (H, W) or
-    (H, W, 1) array is repeated into three channels (as detect.py reads grayscale files); a
-    float image whose values are all <= 1 (scaled to 0-1) is refused rather than silently
-    finding nothing."""
+    """An image as the network takes it: HxWx3 BGR with 0-255 values.
+
+    Accepted: uint8; float32/float64 holding 0-255 values (one whose values are all <= 1, scaled
+    to 0-1, is refused rather than silently finding nothing); uint16 (cv2.imread with
+    IMREAD_UNCHANGED of a 16-bit PNG or TIFF), converted to 8 bits by dropping the low byte
+    (value >> 8). A grayscale (H, W) or (H, W, 1) array is repeated into three channels (as
+    detect.py reads grayscale files); a BGRA (H, W, 4) one loses its alpha channel. Other dtypes
+    (bool, signed integers, float16, ...), other shapes and empty images raise FeatherFaceError."""
     if not isinstance(image, np.ndarray):
         raise FeatherFaceError(f"expected an image array, got {type(image).__name__} "
                                f"(cv2.imread returns None for unreadable files)")
+    if image.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
+        raise FeatherFaceError(f"expected a uint8 image (or uint16, or float32/float64 with 0-255 values), "
+                               f"got dtype {image.dtype}")
+    if image.size == 0:
+        raise FeatherFaceError(f"the image is empty (shape {image.shape})")
     if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
         image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = np.ascontiguousarray(image[:, :, :3])  # BGRA -> BGR
     if image.ndim != 3 or image.shape[2] != 3:
-        raise FeatherFaceError(f"expected a BGR image of shape HxWx3 or a grayscale HxW one, got shape {image.shape}")
-    if image.dtype.kind == "f" and image.size and float(np.nanmax(image)) <= 1.0:
+        raise FeatherFaceError(f"expected a BGR image of shape HxWx3 (or grayscale HxW, or BGRA HxWx4), "
+                               f"got shape {image.shape}")
+    if image.dtype == np.uint16:
+        return (image >> 8).astype(np.uint8)
+    if image.dtype.kind == "f" and float(np.nanmax(image)) <= 1.0:
         raise FeatherFaceError("float image with all values <= 1: FeatherFace takes 0-255 BGR pixels; "
                                "pass (image * 255) or the uint8 image")
     return image
+
+
+def checked_fixed_size(size: Optional[Sequence[int]]) -> Optional[Tuple[int, int]]:
+    """FaceDetector's fixed_size as an (H, W) tuple of positive ints (None stays None)."""
+    if size is None:
+        return None
+    valid = (isinstance(size, (tuple, list)) and len(size) == 2
+             and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in size))
+    if not valid:
+        raise FeatherFaceError(f"fixed_size must be (height, width) in positive whole pixels, got {size!r}")
+    return int(size[0]), int(size[1])
 
 
 class FaceDetector:
@@ -188,11 +254,13 @@ class FaceDetector:
     channels_last None means on for CPU. compile: torch.compile the network (torch backend; pays
     for many inputs of one size, see TorchBackend).
     threads: intra-op threads for ONNX Runtime (the torch backend follows torch.set_num_threads).
+    conf, nms, top_k, keep_top_k: post-processing (PostProcessConfig, which checks them: thresholds
+    from 0 to 1, top_k / keep_top_k None or >= 0 with 0 = no limit).
     image_size: None runs each image at its own size; an int resizes so the shorter side is
     that many pixels (longer side capped at `max_size` when given). fixed_size (H, W), or an ONNX
     graph exported with a fixed input size (--static_size), letterboxes each image into that size
-    instead (data.preprocess.letterbox; image_size and max_size do not apply). Boxes and landmarks
-    are returned in original-image pixels.
+    instead (data.preprocess.letterbox; image_size and max_size do not apply; both sides positive
+    whole pixels). Boxes and landmarks are returned in original-image pixels, not clipped (see detect).
     """
 
     def __init__(self, weights: Union[str, Path, nn.Module], backend: str = "auto", device: str = "cpu",
@@ -202,9 +270,11 @@ class FaceDetector:
                  threads: Optional[int] = None, fuse: bool = True, channels_last: Optional[bool] = None,
                  pixel_inclusive_nms: bool = DEMO_POSTPROCESS.pixel_inclusive_nms, compile: bool = False,
                  fixed_size: Optional[Tuple[int, int]] = None) -> None:
+        self.postprocess = PostProcessConfig(conf, nms, top_k, keep_top_k, pixel_inclusive_nms)  # checks them
         for name, size in (("image_size", image_size), ("max_size", max_size)):
             if size is not None and not size > 0:
                 raise FeatherFaceError(f"{name} must be a positive number of pixels, got {size}")
+        fixed_size = checked_fixed_size(fixed_size)
         if backend == "auto":
             backend = backend_for(weights)
         if backend == "torch":
@@ -224,10 +294,9 @@ class FaceDetector:
         self.config = self.backend.config
         self.image_size, self.max_size = image_size, max_size
         graph_size = getattr(self.backend, "fixed_size", None)
-        if fixed_size is not None and graph_size is not None and tuple(fixed_size) != graph_size:
-            raise FeatherFaceError(f"fixed_size {tuple(fixed_size)} differs from the graph's input size {graph_size}")
-        self.fixed_size = tuple(fixed_size) if fixed_size is not None else graph_size
-        self.postprocess = PostProcessConfig(conf, nms, top_k, keep_top_k, pixel_inclusive_nms)
+        if fixed_size is not None and graph_size is not None and fixed_size != graph_size:
+            raise FeatherFaceError(f"fixed_size {fixed_size} differs from the graph's input size {graph_size}")
+        self.fixed_size = fixed_size if fixed_size is not None else graph_size
 
     # Short names of the post-processing settings (read-only views of self.postprocess).
     conf = property(lambda self: self.postprocess.conf_threshold)
@@ -283,7 +352,13 @@ class FaceDetector:
         return self.detect_arrays([image], scale)[0]
 
     def detect(self, image: np.ndarray) -> List[Face]:
-        """Faces in one BGR (or grayscale HxW) image with 0-255 values, highest score first."""
+        """Faces in one BGR (or grayscale HxW) image with 0-255 values, highest score first (the
+        dtypes and shapes accepted: `as_bgr`).
+
+        Boxes and landmarks are not clipped to the image: a face at the border can get coordinates
+        slightly outside it (e.g. x1 = -0.13). They are left as the network decodes them because the
+        WIDER FACE protocol and the published numbers use them unclipped; clip them yourself for
+        cropping (e.g. np.clip(x, 0, width))."""
         return [Face.from_row(row) for row in self.detect_array(image)]
 
     def detect_batch(self, images: Sequence[np.ndarray]) -> List[List[Face]]:

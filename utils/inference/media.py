@@ -2,9 +2,10 @@
 (`detect.py`'s engine). Unreadable files are recorded as errors instead of aborting the run."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Set
+from typing import Dict, List, Set, Tuple
 
 import cv2
 from tqdm import tqdm
@@ -46,7 +47,10 @@ class MediaRunner:
         return out
 
     def image(self, path: Path) -> None:
-        image, why = read_image(path)
+        try:
+            image, why = read_image(path)
+        except cv2.error as exc:  # e.g. a header claiming more pixels than OpenCV decodes
+            image, why = None, f"image cannot be decoded (OpenCV refused it: {exc.err})"
         if image is None:
             return self.fail(path, why)
         faces = self.detector.detect(image)
@@ -90,9 +94,47 @@ class MediaRunner:
         self.results["videos"].append({"file": str(path), "output": str(out), "fps": fps, "frames": frames})
 
 
-def collect_inputs(path: Path) -> List[Path]:
+MEDIA_SUFFIXES = IMAGE_SUFFIXES + VIDEO_SUFFIXES
+
+
+def _why_not_a_file(path: Path) -> str:
+    if path.is_symlink() and not path.exists():
+        return "broken symbolic link (its target does not exist)"
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+        return "a folder, not a file"
+    return "not a regular file"
+
+
+def collect_inputs(path: Path) -> Tuple[List[Path], List[Tuple[Path, str]]]:
+    """(files to process, skipped entries with why) for `path`: an image or video file, or a
+    folder's image and video files (sorted; files with other suffixes are ignored). A folder entry
+    with an image or video name that is not a readable file (a broken symbolic link, a folder named
+    y.jpg) is skipped with its reason. FeatherFaceError when there is nothing to process."""
     if not path.exists():
         raise FeatherFaceError(f"input not found: {path}")
-    return [path]
+    if not path.is_dir():
+        return [path], []
+    inputs, skipped = [], []
+    for entry in sorted(p for p in path.iterdir() if p.suffix.lower() in MEDIA_SUFFIXES):
+        if entry.is_file():
+            inputs.append(entry)
+        else:
+            skipped.append((entry, _why_not_a_file(entry)))
+    if not inputs:
+        why = "; ".join(f"{p.name}: {reason}" for p, reason in skipped)
+        raise FeatherFaceError(f"no image or video files in {path} (looked for {' '.join(MEDIA_SUFFIXES)})"
+                               + (f"; skipped {why}" if why else ""))
+    return inputs, skipped
+
+
+def check_output_folder(folder: Path) -> None:
+    """FeatherFaceError when `folder` cannot be the output folder: it is a file, or the nearest
+    existing folder above it is a file or not writable. Creates nothing (detect.py checks this
+    before it loads the model)."""
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists() or p.is_symlink())
+    if existing == folder and not folder.is_dir():
+        raise FeatherFaceError(f"--output {folder} exists and is not a folder; choose a folder")
+    if not existing.is_dir():
+        raise FeatherFaceError(f"--output {folder} cannot be created: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FeatherFaceError(f"--output {folder}: no permission to write in {existing}")

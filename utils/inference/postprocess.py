@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from layers.box_utils import decode, decode_landmarks, torchvision_ops
+from utils.errors import FeatherFaceError
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 Scale = Union[float, Tuple[float, float]]
@@ -27,15 +28,35 @@ DETECTION_COLUMNS = 15
 @dataclass(frozen=True)
 class PostProcessConfig:
     """Decode + NMS settings: the one home of these numbers for the API, the scripts, evaluation
-    and the ONNX detection graph."""
+    and the ONNX detection graph.
+
+    Checked when built (FeatherFaceError): both thresholds finite numbers from 0 to 1; top_k and
+    keep_top_k None or an integer >= 0, where 0 means no limit as in the evaluation scripts'
+    --top_k 0 (utils/evaluation/predict.py) and is stored as None."""
 
     conf_threshold: float = 0.5  # scores <= this are dropped
     nms_threshold: float = 0.4  # NMS IoU
-    top_k: Optional[int] = 5000  # best-scoring boxes kept before NMS (None: all)
-    keep_top_k: Optional[int] = 750  # boxes kept after NMS (None: all)
+    top_k: Optional[int] = 5000  # best-scoring boxes kept before NMS (None or 0: all)
+    keep_top_k: Optional[int] = 750  # boxes kept after NMS (None or 0: all)
     # IoU over inclusive pixel areas (x2 - x1 + 1) * (y2 - y1 + 1), as Fast R-CNN's py_cpu_nms
     # used by the published test_widerface.py; False: torchvision's continuous-coordinate IoU.
     pixel_inclusive_nms: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("conf_threshold", "nms_threshold"):
+            value = getattr(self, name)
+            if not _is_a(numbers.Real, value) or not 0 <= value <= 1:  # NaN fails the comparison too
+                raise FeatherFaceError(f"{name} must be a number from 0 to 1, got {value!r}")
+        for name in ("top_k", "keep_top_k"):
+            value = getattr(self, name)
+            if value is not None and (not _is_a(numbers.Integral, value) or value < 0):
+                raise FeatherFaceError(f"{name} must be None or an integer >= 0 (0 or None: no limit), got {value!r}")
+            object.__setattr__(self, name, int(value) if value else None)  # the dataclass is frozen
+
+
+def _is_a(kind: type, value: object) -> bool:
+    """isinstance for numbers, where True and False do not count."""
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 # The demo, FaceDetector and the deployment package: RetinaFace's demo values.
@@ -84,8 +105,8 @@ def detect_faces(loc: ArrayLike, conf: ArrayLike, landm: ArrayLike, priors: Arra
                  pixel_inclusive_nms: bool = WIDER_POSTPROCESS.pixel_inclusive_nms) -> np.ndarray:
     """Detections of one image -> float32 (K, 15) [x1, y1, x2, y2, score, 10 landmark coords].
 
-    The thresholds are a `PostProcessConfig`'s fields (default: the WIDER protocol's); top_k /
-    keep_top_k None keep every box.
+    The thresholds are a `PostProcessConfig`'s fields (default: the WIDER protocol's) and are checked
+    as it checks them; top_k / keep_top_k None or 0 keep every box.
 
     loc (N, 4), conf (N, 2) softmaxed, landm (N, 10) (a leading batch dim of 1 is accepted);
     priors (N, 4); image_size (H, W) of the network input; `scale` is the resize factor
@@ -103,6 +124,8 @@ def detect_faces(loc: ArrayLike, conf: ArrayLike, landm: ArrayLike, priors: Arra
                          f"{tuple(loc.shape)}, {tuple(conf.shape)}, {tuple(landm.shape)}, {tuple(priors.shape)} "
                          f"(use detect_faces_batch for a batch)")
     factors = _pixel_factors(image_size, scale, device)
+    settings = PostProcessConfig(conf_threshold, nms_threshold, top_k, keep_top_k, pixel_inclusive_nms)
+    top_k, keep_top_k = settings.top_k, settings.keep_top_k  # 0 became None
 
     scores = conf[:, 1]
     keep = torch.nonzero(scores > conf_threshold).squeeze(1)
