@@ -24,15 +24,18 @@ from utils.errors import FeatherFaceError, positive_int, run_cli
 from utils.timing import count_flops, measure_latency
 from utils.evaluation.widerface_eval import SETTINGS
 from utils.evaluation.predict import file_digest
-from utils.evaluation.run import add_inference_args, build_detector, check_output_path, run_widerface
+from utils.evaluation.run import (add_inference_args, build_detector, check_output_path, run_widerface,
+                                  weights_run_name)
 
 
 def load_entries(args: argparse.Namespace) -> List[Tuple[str, str, nn.Module]]:
-    """(label, model id, model) for every --weights checkpoint and --models name (random init)."""
+    """(label, model id, model) for every --weights checkpoint and --models name (random init). A checkpoint's
+    label (and prediction folder) is test_widerface.py's run name for it, so it does not depend on the order of
+    --weights; two files with one name (a/x/last.pth, b/x/last.pth) get their digests added."""
     entries = []
     for path in args.weights or []:
         model, _ = load_model(path)
-        entries.append((Path(path).stem, f"sha256:{file_digest(path)}", model))
+        entries.append((weights_run_name(path), f"sha256:{file_digest(path)}", model))
     for name in args.models or []:
         torch.manual_seed(args.seed)
         try:
@@ -42,9 +45,12 @@ def load_entries(args: argparse.Namespace) -> List[Tuple[str, str, nn.Module]]:
         entries.append((f"{name} (random init)", f"random:{name}:seed{args.seed}", model))
     if len(entries) < 2:
         raise FeatherFaceError("give at least two models to compare (--weights A.pth B.pth and/or --models v1 v2)")
-    labels = [label for label, _, _ in entries]
-    return [(label if labels.count(label) == 1 else f"{label} #{i + 1}", model_id, model)
-            for i, (label, model_id, model) in enumerate(entries)]
+    ids: Dict[str, set] = {}
+    for label, model_id, _ in entries:
+        ids.setdefault(label, set()).add(model_id)
+    # The same file given twice keeps its one name (and folder): it is the same model.
+    return [(label if len(ids[label]) == 1 else f"{label}_{model_id.split(':')[-1][:8]}", model_id, model)
+            for label, model_id, model in entries]
 
 
 def markdown_table(rows: List[Dict[str, object]], size: int, threads: int) -> str:
@@ -67,7 +73,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input_size", type=int, default=640, help="square input for FLOPs and latency")
     parser.add_argument("--runs", type=positive_int, default=20, help="timed forward passes per model (median shown)")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads for the latency runs")
-    parser.add_argument("--save_root", type=str, default="runs/compare", help="prediction folders go under here")
+    parser.add_argument("--save_root", type=str, default="runs/compare",
+                        help="prediction folders go under here: <save_root>/<model>/predictions, <model> named "
+                             "after the weights file as test_widerface.py names its folders (featherface_v2_last)")
     parser.add_argument("--output_md", type=str, default=None, help="write the Markdown table here")
     parser.add_argument("--output_json", type=str, default=None, help="write all numbers as JSON here")
     add_inference_args(parser, require_dataset=False)
@@ -92,7 +100,7 @@ def main(args: argparse.Namespace) -> List[Dict[str, object]]:
                "cpu_ms": measure_latency(lambda: detector.backend(x), args.runs, warmup=2).median_ms}
         if args.dataset_folder is not None:
             folder = Path(args.save_root) / label.replace(" ", "_").replace("(", "").replace(")", "")
-            results = run_widerface(args, detector, label, model_id, folder / "predictions")
+            results = run_widerface(args, detector, label, model_id, folder / "predictions", folder_flag="--save_root")
             row.update({s: results[s] for s in SETTINGS}, images_evaluated=results["images_evaluated"])
         rows.append(row)
     table = markdown_table(rows, args.input_size, args.threads)

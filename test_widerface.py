@@ -20,7 +20,7 @@ import torch
 
 from utils.errors import FeatherFaceError, non_negative_int, run_cli
 from utils.evaluation.predict import file_digest
-from utils.evaluation.run import add_inference_args, build_detector, output_paths, run_widerface
+from utils.evaluation.run import add_inference_args, build_detector, output_paths, run_widerface, weights_run_name
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", type=str, default="auto", choices=("auto", "torch", "onnx"),
                         help="auto: onnx for a .onnx file, torch otherwise")
     parser.add_argument("--save_folder", type=str, default=None,
-                        help="prediction folder (default runs/widerface/<weights name>/predictions)")
+                        help="prediction folder (default runs/widerface/<name>/predictions, <name> from the "
+                             "weights file: v1.pth -> v1, featherface_v2/last.pth (or best, epoch_N) -> "
+                             "featherface_v2_last, v1.onnx -> v1_onnx)")
     parser.add_argument("--results_json", type=str, default=None,
                         help="APs as JSON (default <save_folder>/../results.json)")
     parser.add_argument("--pr_curve", type=str, default=None, help="PR-curve PNG (default beside the JSON)")
@@ -44,7 +46,7 @@ def main(args: argparse.Namespace) -> Dict[str, object]:
         torch.set_num_threads(args.threads)
     if not Path(args.weights).is_file():
         raise FeatherFaceError(f"weights not found: {args.weights}")
-    save_folder = Path(args.save_folder or Path("runs", "widerface", Path(args.weights).stem, "predictions"))
+    save_folder = Path(args.save_folder or Path("runs", "widerface", weights_run_name(args.weights), "predictions"))
     results_json, pr_curve = (Path(p) if p else None for p in (args.results_json, args.pr_curve))
     output_paths(args, save_folder, results_json, pr_curve)  # a bad output path fails before the model loads
     detector = build_detector(args, args.weights, args.backend)

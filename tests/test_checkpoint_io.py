@@ -1,12 +1,16 @@
 """utils/checkpoint.py reading files it did not write: checkpoints saved from DataParallel / DDP-wrapped
-models, and bare state dicts in the published or in this repository's naming."""
+models, and bare state dicts in the published or in this repository's naming; and the file mode of the
+checkpoints it writes."""
 from __future__ import annotations
+
+import os
+import stat
 
 import pytest
 import torch
 
 from models import build_model
-from utils.checkpoint import load_checkpoint, load_model
+from utils.checkpoint import atomic_torch_save, load_checkpoint, load_model
 from utils.errors import CheckpointError
 
 
@@ -53,3 +57,17 @@ def test_published_state_dict_gets_the_convert_hint(tmp_path):
     torch.save({"body.stage1.0.0.weight": torch.zeros(1)}, path)  # the backbone alone: either naming
     with pytest.raises(CheckpointError, match=r"no model config inside\)\.$"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_saved_checkpoints_get_the_mode_of_a_plain_torch_save(tmp_path, umask, mode):
+    # The temp file used to keep mkstemp's 0600 through the rename: other users could not read the weights.
+    previous = os.umask(umask)
+    try:
+        atomic_torch_save({"x": torch.zeros(1)}, tmp_path / "atomic.pth")
+        torch.save({"x": torch.zeros(1)}, tmp_path / "plain.pth")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "atomic.pth").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "plain.pth").stat().st_mode) == mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atomic.pth", "plain.pth"]  # no temp file left

@@ -18,7 +18,7 @@ from tests.conftest import ROOT, shared_path
 from utils.checkpoint import load_model, save_checkpoint
 from utils.convert_official import (convert_file, convert_key, convert_state_dict, get_args_parser, load_official,
                                     main)
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, run_cli
 from utils.inference.postprocess import detect_faces
 
 PUBLISHED = ("weights", "featherface_v1_original_widerface.pth")
@@ -156,7 +156,6 @@ def test_other_widths_are_rejected_naming_keys_and_shapes(target):
 
 
 @pytest.mark.parametrize("state,named", [
-    ({k: v for k, v in build_model("v2").state_dict().items()}, "backbone_cbam.channel_gates.0.fc1.weight"),
     ({"body.conv1.weight": torch.zeros(64, 3, 7, 7), "body.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
       "fpn.output1.0.weight": torch.zeros(64, 512, 1, 1), "ssh1.conv3X3.0.weight": torch.zeros(128, 256, 3, 3),
       "ClassHead.0.conv1x1.weight": torch.zeros(4, 256, 1, 1)}, "fpn.output1.0.weight"),
@@ -288,3 +287,18 @@ def test_shipped_weights_are_the_converted_published_file(converted_model):
     ours, theirs = shipped.state_dict(), model.state_dict()
     assert list(ours) == list(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("name", ["v1_original", "v2"])
+def test_state_dict_in_this_repositorys_naming_gets_the_save_hint(tmp_path, capsys, name):
+    # Not a long list of keys without a conversion rule: one line saying there is nothing to convert and
+    # how to make a checkpoint of it (the hint load_checkpoint gives), also for a DataParallel-wrapped one.
+    src, dst = tmp_path / "bare.pth", tmp_path / "out.pth"
+    torch.save({f"module.{k}": v for k, v in build_model(name).state_dict().items()}, src)
+    with pytest.raises(SystemExit) as info:
+        run_cli(main, get_args_parser().parse_args([str(src), str(dst)]))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "no conversion rule" not in err
+    assert err.startswith(f"error: {src} is already in this repository's naming, not the published one")
+    assert f"bare state dict of this repository's '{name}' model" in err and "save_checkpoint(path, model)" in err
+    assert not dst.exists()

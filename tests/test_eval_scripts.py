@@ -25,7 +25,7 @@ from utils.checkpoint import save_checkpoint
 from utils.errors import FeatherFaceError, run_cli
 from utils.evaluation.pr_plot import SETTING_COLORS, Curve, draw_pr_curves, save_pr_curves
 from utils.inference.postprocess import PostProcessConfig
-from utils.evaluation.run import input_size
+from utils.evaluation.run import input_size, weights_run_name
 from utils.evaluation.tta import detect_with_tta, merge_detections, mirror_detections
 from utils.evaluation.widerface_eval import (SETTINGS, WiderFaceEvalError, evaluate_predictions, load_ground_truth,
                                   read_prediction_file, read_predictions)
@@ -676,3 +676,64 @@ def test_dangling_links_and_folders_named_like_images_are_reported_unreadable(ma
     assert results["prediction"]["written"] == 1
     assert results["prediction"]["unreadable"] == ["1--Ev/b.jpg", "1--Ev/c.jpg"]
     assert "2 unreadable image(s)" in out and "1--Ev/b.jpg" in out and "1--Ev/c.jpg" in out
+
+
+# --------------------------------------------------------------------- prediction folder names
+
+
+def two_last_checkpoints(root: Path):
+    """featherface_v1/last.pth and featherface_v2/last.pth, as two training runs write them (other weights)."""
+    paths = []
+    for seed, run in enumerate(["featherface_v1", "featherface_v2"]):
+        torch.manual_seed(seed)
+        paths.append(root / run / "last.pth")
+        save_checkpoint(paths[-1], build_model("v2"))
+    return paths
+
+
+def test_weights_run_names_tell_common_weights_files_apart():
+    names = ["weights/featherface_v1_original.pth", "weights/featherface_v1_original.onnx",
+             "weights/featherface_v1/last.pth", "weights/featherface_v2/last.pth", "runs/v2/best.pth",
+             "runs/v2/epoch_40.pth", "runs/v2/my_model.pt"]
+    assert [weights_run_name(n) for n in names] == [
+        "featherface_v1_original", "featherface_v1_original_onnx", "featherface_v1_last", "featherface_v2_last",
+        "v2_best", "v2_epoch_40", "my_model_pt"]
+
+
+def test_default_prediction_folders_of_two_last_pth_do_not_collide(made_up, tmp_path, monkeypatch):
+    # Both used to go to runs/widerface/last/predictions, and the second run was refused.
+    monkeypatch.chdir(tmp_path)
+    two_last_checkpoints(Path("weights"))
+    listing = tmp_path / "one.txt"
+    listing.write_text("1--Sample/group_8.jpg\n")
+    for run in ["featherface_v1", "featherface_v2"]:
+        results, out = run_main(test_widerface, ["--weights", f"weights/{run}/last.pth", "--dataset_folder",
+                                                 made_up[0], "--image_list", listing, "--image_size", "160", "--quiet"])
+        assert results["prediction"]["written"] == 1
+        assert f"-> {Path('runs', 'widerface', run + '_last', 'predictions')}" in out
+
+
+def test_comparison_folders_follow_the_weights_not_their_order(tmp_path):
+    sample, gt_dir = shared_path(*VAL_SAMPLE), shared_path("data", "widerface_val_gt")
+    first, second = two_last_checkpoints(tmp_path)
+    base = ["--runs", "1", "--input_size", "64", "--image_size", "128", "--dataset_folder", sample / "images",
+            "--image_list", sample / "wider_subset.txt", "--gt_dir", gt_dir, "--save_root", tmp_path / "cmp", "--quiet"]
+    rows, _ = run_main(test_v1_v2_comparison, ["--weights", first, second, *base])
+    assert [row["model"] for row in rows] == ["featherface_v1_last", "featherface_v2_last"]
+    rows, out = run_main(test_v1_v2_comparison, ["--weights", second, first, *base])  # was refused (last_#1)
+    assert out.count("0 image(s) predicted, 4 already done") == 2
+    assert [row["model"] for row in rows] == ["featherface_v2_last", "featherface_v1_last"]
+    # Other settings are refused naming this script's own flag (it has no --save_folder).
+    with pytest.raises(FeatherFaceError, match="pass --overwrite to redo them or choose another --save_root$"):
+        run_main(test_v1_v2_comparison, ["--weights", first, *base, "--models", "v2", "--confidence_threshold", "0.5"])
+
+
+def test_comparison_names_only_different_files_of_one_name_apart(tmp_path):
+    first, second = two_last_checkpoints(tmp_path)
+    other = tmp_path / "elsewhere" / "featherface_v1" / "last.pth"
+    other.parent.mkdir(parents=True)
+    shutil.copy(second, other)  # same name as `first`, other weights
+    args = test_v1_v2_comparison.get_args_parser().parse_args([str(p) for p in ["--weights", first, other, first]])
+    labels = [label for label, _, _ in test_v1_v2_comparison.load_entries(args)]
+    assert labels[0] == labels[2] != labels[1]  # the same file twice is the same model: one folder
+    assert all(label.startswith("featherface_v1_last_") for label in labels)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -38,10 +38,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """torch.save to a temp file beside `path`, fsync, then os.replace (atomic on POSIX). Temp files
-    of earlier saves to `path` that a killed process left behind are removed after a successful save."""
+    of earlier saves to `path` that a killed process left behind are removed after a successful save.
+
+    The temp file is created with mode 0o666 less the umask, as open() in a plain torch.save creates its
+    file (mkstemp's 0o600 would survive the replace and hide the weights from other users); the kernel
+    applies the umask, so it is never read or changed here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # O_EXCL: never another file
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -82,7 +87,7 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise many types
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a torch file): {exc}") from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        hint = _state_dict_hint(blob)
+        hint = state_dict_hint(blob)
         raise CheckpointError(f"{path} is not a FeatherFace checkpoint (no model config inside).{hint}")
     if isinstance(blob.get("model"), dict):
         blob["model"] = strip_wrapper_prefix(blob["model"])
@@ -104,7 +109,7 @@ def strip_wrapper_prefix(state: Dict[str, Any]) -> Dict[str, Any]:
     return state
 
 
-def _state_dict_hint(blob: Any) -> str:
+def state_dict_hint(blob: Any) -> str:
     """What a file without our checkpoint format holds and how to use it ('' when unrecognised)."""
     from models import build_model  # local import: models imports nothing from utils
 

@@ -19,7 +19,8 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from utils.checkpoint import load_state_strict, save_checkpoint, show_keys, state_mismatch
+from utils.checkpoint import (OURS_ONLY, PUBLISHED_ONLY, load_state_strict, save_checkpoint, show_keys,
+                              state_dict_hint, state_mismatch)
 from utils.errors import CheckpointError, run_cli
 
 PathLike = Union[str, Path]
@@ -133,6 +134,9 @@ def convert_state_dict(official: Dict[str, torch.Tensor], target: Optional[Dict[
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f"{source} is not a state dict: non-tensor entries {show_keys(not_tensors, 8)}")
+    if any(k.startswith(OURS_ONLY) for k in state) and not any(k.startswith(PUBLISHED_ONLY) for k in state):
+        raise CheckpointError(f"{source} is already in this repository's naming, not the published one, so there "
+                              f"is nothing to convert.{state_dict_hint(state)}")
 
     converted: Dict[str, torch.Tensor] = {}
     origin: Dict[str, str] = {}

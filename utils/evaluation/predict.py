@@ -125,11 +125,12 @@ def settings_path(save_folder: PathLike) -> Path:
 
 
 def check_settings(save_folder: PathLike, settings: Dict[str, object], overwrite: bool,
-                   rewritten: Sequence[Path] = ()) -> None:
+                   rewritten: Sequence[Path] = (), folder_flag: str = "--save_folder") -> None:
     """Record the run's settings; refuse to resume a folder written with other settings, and
     refuse to overwrite only part of one (`rewritten`: the files this run writes), which would
     leave files of the old settings under the new record. A record beside a folder without
-    prediction files (a run that failed before its first image) binds nothing and is replaced."""
+    prediction files (a run that failed before its first image) binds nothing and is replaced.
+    `folder_flag`: the calling script's flag that chooses the folder (the refusals suggest changing it)."""
     path = settings_path(save_folder)
     if not path.is_file() or not any(Path(save_folder).glob("*/*.txt")):
         changed: List[str] = []
@@ -142,7 +143,7 @@ def check_settings(save_folder: PathLike, settings: Dict[str, object], overwrite
     if changed and not overwrite:
         raise FeatherFaceError(
             f"{save_folder} holds predictions made with other settings ({', '.join(changed)} differ, see {path}); "
-            f"pass --overwrite to redo them or choose another --save_folder")
+            f"pass --overwrite to redo them or choose another {folder_flag}")
     if changed:
         redone = {p.resolve() for p in rewritten}
         stale = sorted(p for p in Path(save_folder).glob("*/*.txt") if p.resolve() not in redone)
@@ -150,7 +151,7 @@ def check_settings(save_folder: PathLike, settings: Dict[str, object], overwrite
             raise FeatherFaceError(
                 f"--overwrite with other settings ({', '.join(changed)} differ, see {path}) would leave {len(stale)} "
                 f"prediction file(s) of the earlier settings in {save_folder} that this run does not redo (e.g. "
-                f"{stale[0]}); predict those images too, delete the files, or choose another --save_folder")
+                f"{stale[0]}); predict those images too, delete the files, or choose another {folder_flag}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2) + "\n")
 
@@ -198,16 +199,17 @@ class PredictionSummary:
 def predict_images(detector, dataset_folder: PathLike, images: Sequence[str], save_folder: PathLike,
                    overwrite: bool = False, flip: bool = False, scales: Optional[Sequence[float]] = None,
                    model_id: Optional[str] = None, integer_boxes: bool = True,
-                   progress: bool = True) -> PredictionSummary:
+                   progress: bool = True, folder_flag: str = "--save_folder") -> PredictionSummary:
     """Write one prediction file per image (0 boxes included); unreadable images get none.
     integer_boxes: the published integer boxes (default) or exact floats.
 
-    With `model_id` the settings are checked against the folder's previous run (check_settings).
+    With `model_id` the settings are checked against the folder's previous run (check_settings,
+    whose refusals name `folder_flag`).
     """
     outputs = prediction_files(save_folder, images)
     if model_id is not None:
         check_settings(save_folder, detection_settings(detector, model_id, flip, scales, integer_boxes), overwrite,
-                       outputs)
+                       outputs, folder_flag)
     summary = PredictionSummary()
     bar = tqdm(list(zip(images, outputs)), desc="predict", unit="img", disable=None if progress else True)
     for relative, out in bar:

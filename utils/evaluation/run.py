@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -21,6 +22,22 @@ from utils.inference.detector import FaceDetector
 from utils.inference.postprocess import WIDER_POSTPROCESS
 
 RETINAFACE_RESIZE = (1600, 2150)  # short side / long-side cap of RetinaFace's test_widerface.py
+# File names that say which epoch or which of a run's saves, not which model (train.py writes last.pth,
+# best.pth and epoch_N.pth into one folder per run).
+GENERIC_STEM = re.compile(r"(last|best|final|latest|checkpoint|model|weights)?[_-]?(epoch)?[_-]?\d*", re.IGNORECASE)
+
+
+def weights_run_name(weights: Union[str, Path]) -> str:
+    """A readable name for a run of a weights file, used for its default prediction folder: the file name
+    without .pth (featherface_v1_original), after the folder's name where the name is generic
+    (featherface_v2/last.pth -> featherface_v2_last) and with any other suffix kept (x.onnx -> x_onnx)."""
+    path = Path(weights).absolute()
+    name = path.stem
+    if GENERIC_STEM.fullmatch(name) and path.parent.name:
+        name = f"{path.parent.name}_{name}"
+    if path.suffix and path.suffix.lower() != ".pth":
+        name += "_" + path.suffix[1:]
+    return name
 
 
 def add_inference_args(parser: argparse.ArgumentParser, require_dataset: bool = True) -> None:
@@ -90,11 +107,13 @@ def check_output_path(path: Optional[Union[str, Path]], flag: str, folder: bool 
 
 
 def output_paths(args: argparse.Namespace, save_folder: Path, results_json: Optional[Path] = None,
-                 pr_curve: Optional[Path] = None) -> Tuple[Optional[Path], Optional[Path]]:
+                 pr_curve: Optional[Path] = None,
+                 folder_flag: str = "--save_folder") -> Tuple[Optional[Path], Optional[Path]]:
     """Check every output of a run before it starts; returns where the APs (JSON) and PR curves (PNG) go
-    (default: beside the prediction folder), None for both without --gt_dir (nothing is evaluated)."""
-    check_output_path(save_folder, "--save_folder", folder=True)
-    check_output_path(settings_path(save_folder), "the settings record of --save_folder")
+    (default: beside the prediction folder), None for both without --gt_dir (nothing is evaluated).
+    `folder_flag`: the calling script's flag that sets the prediction folder (named in errors)."""
+    check_output_path(save_folder, folder_flag, folder=True)
+    check_output_path(settings_path(save_folder), f"the settings record of {folder_flag}")
     if args.gt_dir is None:
         return None, None
     results_json = results_json or save_folder.parent / "results.json"
@@ -116,21 +135,24 @@ def build_detector(args: argparse.Namespace, weights: Union[str, Path, nn.Module
 
 
 def run_widerface(args: argparse.Namespace, detector: FaceDetector, label: str, model_id: str, save_folder: Path,
-                  results_json: Optional[Path] = None, pr_curve: Optional[Path] = None) -> Dict[str, object]:
+                  results_json: Optional[Path] = None, pr_curve: Optional[Path] = None,
+                  folder_flag: str = "--save_folder") -> Dict[str, object]:
     """Predict the images (resuming), report, and with --gt_dir evaluate and save JSON + PNG.
 
-    `model_id` identifies the weights in the folder's settings record (a resumed run must match).
+    `model_id` identifies the weights in the folder's settings record (a resumed run must match);
+    `folder_flag` is the calling script's flag that sets `save_folder` (errors tell the user to change it).
     """
     if args.dataset_folder is None:
         raise FeatherFaceError("--dataset_folder is required (WIDER_val/images)")
-    results_json, pr_curve = output_paths(args, save_folder, results_json, pr_curve)
+    results_json, pr_curve = output_paths(args, save_folder, results_json, pr_curve, folder_flag)
     images = list_images(args.dataset_folder, args.image_list)
     if args.gt_dir is not None:  # a wrong --gt_dir or image list fails now, not after every image has run
         gt = load_ground_truth(args.gt_dir)
         if args.image_list:
             select_images(gt, images)
     summary = predict_images(detector, args.dataset_folder, images, save_folder, args.overwrite, args.flip,
-                             args.scales, model_id, not args.float_boxes, progress=not args.quiet)
+                             args.scales, model_id, not args.float_boxes, progress=not args.quiet,
+                             folder_flag=folder_flag)
     print(f"{label}: {summary.written} image(s) predicted, {summary.skipped} already done"
           + (f", {summary.seconds_per_image:.3f} s/image" if summary.written else "") + f" -> {save_folder}")
     if summary.unreadable:
