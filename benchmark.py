@@ -40,8 +40,7 @@ from models import build_model
 from utils.checkpoint import load_model
 from utils.inference.detector import OnnxBackend, TorchBackend, ort_session_options
 from utils.inference.memory import freed_memory_kept
-from utils.errors import FeatherFaceError, non_negative_int, positive_int, run_cli
-from utils.evaluation.run import check_output_path
+from utils.errors import FeatherFaceError, check_output_path, non_negative_int, positive_int, run_cli
 from utils.timing import (BenchConfig, count_flops, cpu_busy_before_run, cpu_steal_during, machine_info, markdown_table,
                           measure_configs, ratio_summary)
 

@@ -22,10 +22,10 @@ import cv2
 import torch
 from tqdm import tqdm
 
-from utils.errors import FeatherFaceError, non_negative_int, run_cli, unit_float
+from utils.errors import FeatherFaceError, check_output_path, non_negative_int, run_cli, unit_float
 from utils.inference.detector import PUBLISHED_WEIGHTS, FaceDetector, backend_for
 from utils.inference.postprocess import DEMO_POSTPROCESS
-from utils.inference.media import VIDEO_SUFFIXES, MediaRunner, check_output_folder, collect_inputs
+from utils.inference.media import VIDEO_SUFFIXES, MediaRunner, collect_inputs
 
 # Longer-side cap of the demo: memory grows with the pixel count. An 8000x8000 photo with the
 # shipped model, 1 thread: peak RSS 5.6 GB and 154 s at its own size, 1.3 GB and 11 s capped at
@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
         raise FeatherFaceError(f"--max_size must be at least 32 pixels, got {args.max_size}")
     max_size = None if args.original_size else args.max_size
     inputs, skipped = collect_inputs(args.input)  # nothing to process: stop before the output is touched
-    check_output_folder(args.output)
+    check_output_path(args.output, "--output", folder=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     backend = backend_for(args.weights) if args.backend == "auto" else args.backend

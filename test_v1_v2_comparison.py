@@ -20,11 +20,11 @@ from torch import nn
 
 from models import build_model, count_parameters
 from utils.checkpoint import load_model
-from utils.errors import FeatherFaceError, positive_int, run_cli
+from utils.errors import FeatherFaceError, check_output_path, positive_int, run_cli
 from utils.timing import count_flops, measure_latency
 from utils.evaluation.widerface_eval import SETTINGS
 from utils.evaluation.predict import file_digest
-from utils.evaluation.run import (add_inference_args, build_detector, check_output_path, run_widerface,
+from utils.evaluation.run import (add_inference_args, build_detector, run_widerface,
                                   weights_run_name)
 
 

@@ -219,7 +219,7 @@ def test_detect_output_path_problems_stop_before_the_model(tmp_path, no_model, c
     image = str(SAMPLE / "group_8.jpg")
     assert run_detect("--input", image, "--output", str(tmp_path / "file")) == 2
     err = capsys.readouterr().err
-    assert err == f"error: --output {tmp_path / 'file'} exists and is not a folder; choose a folder\n"
+    assert err == f"error: --output {tmp_path / 'file'} is a file; give a folder path\n"
     assert run_detect("--input", image, "--output", str(tmp_path / "file" / "sub")) == 2
     assert "cannot be created" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "keep me"

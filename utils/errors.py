@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Callable, TypeVar
+from pathlib import Path
+from typing import Callable, Optional, TypeVar, Union
 
 T = TypeVar("T")
 
@@ -64,3 +66,20 @@ non_negative_int = _bounded(int, "an integer >= 0", lambda v: v >= 0)
 positive_float = _bounded(float, "a finite number > 0", lambda v: 0 < v < float("inf"))
 non_negative_float = _bounded(float, "a finite number >= 0", lambda v: 0 <= v < float("inf"))
 unit_float = _bounded(float, "a number from 0 to 1", lambda v: 0 <= v <= 1)
+
+
+def check_output_path(path: Optional[Union[str, Path]], flag: str, folder: bool = False) -> None:
+    """Refuse up front (before any model loads or image runs) an output path that cannot be written: a
+    folder where a file goes or the reverse, a path below a file, or one in a folder without write access.
+    None (an output not asked for) passes."""
+    if path is None:
+        return
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and path.is_dir() != folder:
+        kind, wanted = ("a file", "folder") if folder else ("a folder", "file")
+        raise FeatherFaceError(f"{flag} {path} is {kind}; give a {wanted} path")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir() and existing != path:
+        raise FeatherFaceError(f"{flag} {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        raise FeatherFaceError(f"{flag} {path} cannot be written: no write permission for {existing}")

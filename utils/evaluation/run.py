@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -13,7 +12,7 @@ from typing import Dict, Optional, Tuple, Union
 import cv2
 from torch import nn
 
-from utils.errors import FeatherFaceError, unit_float
+from utils.errors import FeatherFaceError, check_output_path, unit_float
 from utils.evaluation.pr_plot import save_pr_curves
 from utils.evaluation.predict import (NO_LIMIT, evaluate_images, list_images, predict_images,
                                       published_protocol_detector, settings_path)
@@ -87,23 +86,6 @@ def input_size(args: argparse.Namespace) -> Tuple[Optional[int], Optional[int]]:
     if args.origin_size is False:
         return RETINAFACE_RESIZE[0], args.max_size or RETINAFACE_RESIZE[1]
     return None, args.max_size
-
-
-def check_output_path(path: Optional[Union[str, Path]], flag: str, folder: bool = False) -> None:
-    """Refuse up front (before any model loads or image runs) an output path that cannot be written: a
-    folder where a file goes or the reverse, a path below a file, or one in a folder without write access.
-    None (an output not asked for) passes."""
-    if path is None:
-        return
-    path = Path(path)
-    if path.exists() and path.is_dir() != folder:
-        kind, wanted = ("a file", "folder") if folder else ("a folder", "file")
-        raise FeatherFaceError(f"{flag} {path} is {kind}; give a {wanted} path")
-    existing = path if path.exists() else next(p for p in path.parents if p.exists())
-    if not existing.is_dir() and existing != path:
-        raise FeatherFaceError(f"{flag} {path} cannot be created: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
-        raise FeatherFaceError(f"{flag} {path} cannot be written: no write permission for {existing}")
 
 
 def output_paths(args: argparse.Namespace, save_folder: Path, results_json: Optional[Path] = None,

@@ -2,7 +2,6 @@
 (`detect.py`'s engine). Unreadable files are recorded as errors instead of aborting the run."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
@@ -125,16 +124,3 @@ def collect_inputs(path: Path) -> Tuple[List[Path], List[Tuple[Path, str]]]:
         raise FeatherFaceError(f"no image or video files in {path} (looked for {' '.join(MEDIA_SUFFIXES)})"
                                + (f"; skipped {why}" if why else ""))
     return inputs, skipped
-
-
-def check_output_folder(folder: Path) -> None:
-    """FeatherFaceError when `folder` cannot be the output folder: it is a file, or the nearest
-    existing folder above it is a file or not writable. Creates nothing (detect.py checks this
-    before it loads the model)."""
-    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists() or p.is_symlink())
-    if existing == folder and not folder.is_dir():
-        raise FeatherFaceError(f"--output {folder} exists and is not a folder; choose a folder")
-    if not existing.is_dir():
-        raise FeatherFaceError(f"--output {folder} cannot be created: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise FeatherFaceError(f"--output {folder}: no permission to write in {existing}")
