@@ -16,12 +16,12 @@ from data.config import CONFIGS
 from models.featherface import count_parameters
 from utils.deploy.export import (DEFAULT_OPSET, ExportError, MIN_DEFORM_OPSET, check_onnx_file, check_opset,
                                  export_graphs, export_onnx, op_counts, require_exporter)
-from utils.deploy.package import write_deployment_package
+from utils.deploy.package import not_a_package, write_deployment_package
 from utils.deploy.parity import verify_export
 from utils.deploy.quantize import find_images, quantize_and_report, sample_images
 from utils.deploy.rewrites import DEFORM_FORMS
 from utils.deploy.staging import staged
-from utils.errors import CheckpointError, FeatherFaceError, run_cli
+from utils.errors import CheckpointError, FeatherFaceError, positive_int, run_cli, unit_float
 from utils.inference.postprocess import DEMO_POSTPROCESS
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "data" / "sample" / "images"
@@ -44,16 +44,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also write <output>_postprocess.onnx: image -> faces (decode + NMS in the graph, batch 1)")
     p.add_argument("--deployment_package", type=str, nargs="?", const="", default=None, metavar="DIR",
                    help="write a deployment package (default DIR: deployment/<model name>/)")
-    p.add_argument("--score_threshold", type=float, default=DEMO_POSTPROCESS.conf_threshold,
+    p.add_argument("--score_threshold", type=unit_float, default=DEMO_POSTPROCESS.conf_threshold,
                    help="default face score of the package and of the detection checks")
-    p.add_argument("--nms_threshold", type=float, default=DEMO_POSTPROCESS.nms_threshold,
+    p.add_argument("--nms_threshold", type=unit_float, default=DEMO_POSTPROCESS.nms_threshold,
                    help="NMS IoU, fixed in the detection graph")
-    p.add_argument("--top_k", type=int, default=DEMO_POSTPROCESS.top_k, help="best anchors passed to NMS in the graph")
-    p.add_argument("--keep_top_k", type=int, default=DEMO_POSTPROCESS.keep_top_k, help="most faces the graph returns")
+    p.add_argument("--top_k", type=positive_int, default=DEMO_POSTPROCESS.top_k, help="best anchors passed to NMS in the graph")
+    p.add_argument("--keep_top_k", type=positive_int, default=DEMO_POSTPROCESS.keep_top_k, help="most faces the graph returns")
     p.add_argument("--quantize", type=str, default=None, choices=["int8"],
                    help="also write a static INT8 (QDQ) copy <output>_int8.onnx")
     p.add_argument("--calibration_images", type=str, default=None, help="folder of images for INT8 calibration")
-    p.add_argument("--latency_runs", type=int, default=30, help="timed runs per latency measurement (median reported)")
+    p.add_argument("--latency_runs", type=positive_int, default=30, help="timed runs per latency measurement (median)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random_init")
     p.add_argument("--deform_form", default="auto", choices=DEFORM_FORMS,
                    help="deformable convs (V1): auto = DeformConv, projected where that samples fewer values "
@@ -115,9 +115,9 @@ def main(args: argparse.Namespace) -> dict:
                                                 + (", stem padded to 16 channels" if args.pad_stem else ""))
     print(f"exporting {config.name} ({count_parameters(model):,} parameters), opset {args.opset}, traced at "
           f"{args.image_size}x{args.image_size}{' (fixed)' if args.static_size else ''}, {form}", flush=True)
-    # Everything is written to hidden folders beside the targets and moved into place only after
-    # every check passed: a failed export leaves nothing behind.
-    with staged(list(targets.values())) as paths:
+    # Targets are checked first (no input overwritten, no foreign folder replaced), everything is written to
+    # hidden folders beside them and moved into place only after every check passed: a failure leaves nothing.
+    with staged(list(targets.values()), [package], [args.weights], check_folder=not_a_package) as paths:
         out = dict(zip(targets, paths))
         if detection:
             export_graphs(model, out["onnx"], out["postprocess"], args.image_size, args.opset, args.nms_threshold,

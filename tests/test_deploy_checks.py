@@ -89,15 +89,20 @@ def test_staged_replaces_an_older_package_whole(tmp_path):
     target = tmp_path / "pkg"
     target.mkdir()
     (target / "stale.txt").write_text("old")
-    with staged([target]) as (d,):
+    earlier_package = lambda folder: None  # noqa: E731 - check_folder found nothing against replacing it
+    with staged([target], [target], check_folder=earlier_package) as (d,):
         d.mkdir()
         (d / "new.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     with pytest.raises(ValueError):
-        with staged([target]) as (d,):
+        with staged([target], [target], check_folder=earlier_package) as (d,):
             d.mkdir()
             raise ValueError
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]  # a failure keeps the previous one
+    with pytest.raises(FeatherFaceError, match="would be replaced as a whole, but it is not empty"):
+        with staged([target], [target]):  # by default a folder holding anything is never replaced
+            pass
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
 
 
 def test_an_output_inside_a_staged_folder_is_refused(tmp_path, capsys):

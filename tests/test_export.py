@@ -343,6 +343,28 @@ def test_deployment_package_usage_example_runs_as_shipped(v2, v2_package, tmp_pa
     assert not (tmp_path / "cut_out.jpg").exists()
 
 
+def test_usage_example_runs_images_smaller_than_one_stride(v2, v2_package, tmp_path):
+    """The detection graph takes any H, W >= 1 as FaceDetector does; the example used to refuse
+    images under 32 pixels a side."""
+    import importlib.util
+
+    from utils.deploy.package import not_a_package
+
+    model, _, _ = v2
+    assert not_a_package(v2_package) is None  # a later export may replace it
+    spec = importlib.util.spec_from_file_location("packaged_usage_example", v2_package / "usage_example.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    for h, w in [(1, 1), (5, 7)]:
+        image = np.random.default_rng(h).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        path = tmp_path / f"tiny_{h}x{w}.png"
+        cv2.imwrite(str(path), image)
+        faces = example.main(example.get_args_parser().parse_args([str(path), "--threshold", "0.3"]))
+        expected = FaceDetector(model, backend="torch", conf=0.3).detect_array(image)
+        diff = compare_detections(path.name, expected, faces)
+        assert len(expected) > 0 and detection_graph_ok(diff), diff.line()
+
+
 def test_int8_quantization_keeps_metadata_and_detections_close(v2, tmp_path):
     _, raw, _ = v2
     report = quantize_int8(raw, tmp_path / "v2_int8.onnx", find_images(SAMPLE), image_size=256)

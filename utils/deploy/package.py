@@ -18,6 +18,23 @@ from utils.inference.detector import INPUT_NAME, OUTPUT_NAMES
 from utils.inference.postprocess import DEMO_POSTPROCESS
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "template"
+CONFIG_FILE = "deployment_config.json"
+PACKAGE_FILES = ("model.pth", "model.onnx", "model_postprocess.onnx", "model_int8.onnx", CONFIG_FILE,
+                 "usage_example.py", "README.md")
+
+
+def not_a_package(folder: PathLike) -> Optional[str]:
+    """Why the existing, non-empty `folder` may not be replaced by a new deployment package, or None
+    when it is an earlier package holding nothing but package files (which the new one replaces)."""
+    names = {p.name for p in Path(folder).iterdir()}
+    if CONFIG_FILE not in names:
+        return f"it is not a deployment package (no {CONFIG_FILE})"
+    foreign = sorted(names - set(PACKAGE_FILES) - {"__pycache__"})
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return f"it holds files that are not part of a deployment package ({shown})"
+    return None
+
 
 def deployment_config(model: nn.Module, score_threshold: float = DEMO_POSTPROCESS.conf_threshold,
                       nms_threshold: float = DEMO_POSTPROCESS.nms_threshold, top_k: int = DEMO_POSTPROCESS.top_k,
@@ -104,7 +121,7 @@ def write_deployment_package(model: nn.Module, out_dir: PathLike, onnx_path: Pat
     for name, source in files.items():
         if Path(source).resolve() != (out / name).resolve():
             shutil.copyfile(source, out / name)
-    (out / "deployment_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     shutil.copyfile(TEMPLATE_DIR / "usage_example.py", out / "usage_example.py")
     m: ModelConfig = model.config
     thresholds = config["thresholds"]

@@ -17,11 +17,12 @@ from utils.timing import measure_latency
 
 
 def find_images(folder: PathLike) -> List[Path]:
-    """Image files (jpg/png/bmp/webp) in `folder` and its subfolders, sorted."""
+    """Image files (data.preprocess.IMAGE_SUFFIXES) in `folder` and its subfolders, sorted; a folder
+    named like an image is not one."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ExportError(f"calibration image folder not found: {folder}")
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise ExportError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return images

@@ -23,8 +23,48 @@ LANDMARK_COLOURS = [(0, 0, 255), (0, 255, 255), (255, 0, 255), (0, 255, 0), (255
 
 
 def load_config(path):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: cannot read the package config {path}: {getattr(exc, 'strerror', None) or exc}")
+
+
+def load_session(path, config, threads):
+    """An ONNX Runtime session for the detection graph; exits with an error for a file that is not one
+    (a raw model.onnx, another detector's graph, a broken file)."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    # Idle ORT workers stop spinning after each run, so the NMS below gets the cores.
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises several types for missing or invalid files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SystemExit(f"error: ONNX Runtime cannot load {path}: {first_line}")
+    inputs = sorted(i.name for i in session.get_inputs())
+    outputs = [o.name for o in session.get_outputs()]
+    if inputs != sorted([config["input"]["name"], "score_threshold"]) or "faces" not in outputs:
+        raise SystemExit(f"error: {path} is not a FeatherFace detection graph like model_postprocess.onnx (it takes "
+                         f"{', '.join(inputs)} and returns {', '.join(outputs)}, not {config['input']['name']} and "
+                         f"score_threshold -> faces)")
+    return session
+
+
+def check_output(path, flag, source, image=False):
+    """Exit with an error, before any work, when `path` cannot be written as a file or is the input `source`."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise SystemExit(f"error: {flag} {path} is a folder; give a file path")
+    if target.exists() and Path(source).exists() and target.samefile(source):
+        raise SystemExit(f"error: {flag} {path} is the input image; choose another file")
+    if not target.parent.is_dir():
+        raise SystemExit(f"error: {flag} {path}: folder {target.parent} does not exist")
+    if image and not cv2.haveImageWriter(str(target)):
+        raise SystemExit(f"error: {flag} {path}: OpenCV cannot write this image type; use .jpg or .png")
 
 
 def read_image(path):
@@ -70,9 +110,6 @@ def detect(session, image_bgr, config, score_threshold, max_size=None):
     elif max_size and max(image_bgr.shape[:2]) > max_size:
         scale = max_size / max(image_bgr.shape[:2])
         image_bgr = cv2.resize(image_bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-    min_side = config["input"]["min_side"]
-    if min(image_bgr.shape[:2]) < min_side:
-        raise SystemExit(f"error: the image must be at least {min_side} pixels on each side")
     inputs = {
         config["input"]["name"]: to_input(image_bgr, config["mean_bgr"]),
         "score_threshold": np.array(score_threshold, dtype=np.float32),
@@ -94,6 +131,19 @@ def draw(image_bgr, faces):
     return out
 
 
+def bounded(kind, description, accept):
+    """An argparse type: a `kind` value that `accept` allows, else argparse's one-line error."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}") from None
+        if not accept(value):  # NaN fails every comparison, so it is refused too
+            raise argparse.ArgumentTypeError(f"expected {description}, got {text}")
+        return value
+    return parse
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(description="FeatherFace face detection with ONNX Runtime")
     parser.add_argument("image", type=str, help="image file to search for faces")
@@ -103,24 +153,23 @@ def get_args_parser():
                         help="detection graph (default: model_postprocess.onnx beside this script)")
     parser.add_argument("--config", type=str, default=str(HERE / "deployment_config.json"),
                         help="deployment_config.json of the package")
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--threshold", type=bounded(float, "a score from 0 to 1", lambda v: 0 <= v <= 1),
+                        default=None,
                         help="minimum face score (default: thresholds.score in deployment_config.json)")
-    parser.add_argument("--max_size", type=int, default=None,
+    parser.add_argument("--max_size", type=bounded(int, "a positive integer", lambda v: v >= 1), default=None,
                         help="downscale images whose longer side exceeds this (faster; boxes stay in original pixels)")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
+    parser.add_argument("--threads", type=bounded(int, "an integer >= 0", lambda v: v >= 0), default=0,
+                        help="ONNX Runtime intra-op threads (0 = its default)")
     return parser
 
 
 def main(args):
+    check_output(args.output, "--output", args.image, image=True)
+    check_output(args.json, "--json", args.image)
     config = load_config(args.config)
     image = read_image(args.image)
     threshold = config["thresholds"]["score"] if args.threshold is None else args.threshold
-    options = ort.SessionOptions()
-    if args.threads:
-        options.intra_op_num_threads = args.threads
-    # Idle ORT workers stop spinning after each run, so the NMS below gets the cores.
-    options.add_session_config_entry("session.force_spinning_stop", "1")
-    session = ort.InferenceSession(args.model, options, providers=["CPUExecutionProvider"])
+    session = load_session(args.model, config, args.threads)
     faces = detect(session, image, config, threshold, args.max_size)
 
     print(f"{len(faces)} face(s) in {args.image} (score >= {threshold:g})")
@@ -129,10 +178,17 @@ def main(args):
         points = " ".join(f"({face[5 + 2 * k]:.1f}, {face[6 + 2 * k]:.1f})" for k in range(5))
         print(f"  {i + 1:3d}: score {face[4]:.3f}  box [{box}]  landmarks {points}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"image": args.image, "faces": faces.tolist()}, f)
+        try:
+            with open(args.json, "w") as f:
+                json.dump({"image": args.image, "faces": faces.tolist()}, f)
+        except OSError as exc:
+            raise SystemExit(f"error: cannot write {args.json}: {exc.strerror or exc}")
     if args.output:
-        if not cv2.imwrite(args.output, draw(image, faces)):
+        try:
+            written = cv2.imwrite(args.output, draw(image, faces))
+        except cv2.error:
+            written = False
+        if not written:
             raise SystemExit(f"error: cannot write {args.output}")
         print(f"annotated image written to {args.output}")
     return faces
