@@ -100,9 +100,9 @@ def main(args: argparse.Namespace) -> dict:
     graph = dict(rewrite=not args.no_rewrites, deform=args.deform_form, stem_padded=args.pad_stem,
                  static_size=args.static_size)
     check_opset(config, args.opset, args.deform_form)
-    calibration = find_images(args.calibration_images) if args.quantize else []
     if args.quantize and not args.calibration_images:
         raise FeatherFaceError("--quantize int8 needs --calibration_images DIR")
+    calibration = find_images(args.calibration_images) if args.quantize else []
     require_exporter()
     default = Path(args.weights).with_suffix(".onnx") if args.weights else Path(f"weights/{config.name}_random_init.onnx")
     raw = Path(args.output) if args.output else default

@@ -448,6 +448,8 @@ def test_cli_user_errors(tmp_path, capsys):
     code, err = _cli(capsys, "--model", "v2", "--random_init", "--quantize", "int8", "--calibration_images",
                      tmp_path / "nowhere")
     assert code == 2 and "calibration image folder not found" in err
+    code, err = _cli(capsys, "--model", "v2", "--random_init", "--quantize", "int8", "--output", tmp_path / "q.onnx")
+    assert code == 2 and "--quantize int8 needs --calibration_images DIR" in err and not (tmp_path / "q.onnx").exists()
     code, err = _cli(capsys, "--model", "v2", "--random_init", "--pad_stem", "--no_rewrites", "--output", tmp_path / "x.onnx")
     assert code == 2 and "--pad_stem needs the graph rewrites" in err and not (tmp_path / "x.onnx").exists()
 
