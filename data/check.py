@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from data.preprocess import read_image
+from utils.errors import FeatherFaceError, positive_int, run_cli
 from data.wider_face import (LabelRecord, PathLike, Problem, image_problems, read_label_file,
                              resolve_image_path)
 
@@ -247,7 +248,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("labels", type=str, help="label file (label.txt or wider_face_*_bbx_gt.txt)")
     parser.add_argument("--images", type=str, default=None,
                         help="images root (default: <label dir>/images, then the label dir)")
-    parser.add_argument("--workers", type=int, default=4, help="processes that decode images")
+    parser.add_argument("--workers", type=positive_int, default=4, help="processes that decode images")
     parser.add_argument("--no_cache", action="store_true",
                         help="decode every image, ignoring (and not updating) the cache of earlier checks")
     parser.add_argument("--labels_only", action="store_true",
@@ -257,6 +258,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    if not Path(args.labels).is_file():  # a path typo is not a problem "in the label file"
+        what = "is a folder, not a label file" if Path(args.labels).is_dir() else "not found"
+        raise FeatherFaceError(f"label file {args.labels} {what}")
     report = check_dataset(args.labels, args.images, num_workers=args.workers, labels_only=args.labels_only,
                            use_cache=not args.no_cache)
     for problem in report.problems:
@@ -273,4 +277,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(run_cli(main, get_args_parser().parse_args()))

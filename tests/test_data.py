@@ -321,6 +321,11 @@ def test_check_command_line_exit_codes(bad_label, tmp_path):
     for line, text in BAD_EXPECTED:
         assert f"{bad_label}:{line}: " in bad.stdout and text in bad.stdout
     assert "6 problem(s)" in bad.stdout and "warning: " in bad.stdout and "degenerate box dropped" in bad.stdout
+    missing = _run_check(str(tmp_path / "missing.txt"), "--labels_only")
+    assert (missing.returncode, missing.stdout) == (2, "")
+    assert missing.stderr == f"error: label file {tmp_path / 'missing.txt'} not found\n"
+    folder = _run_check(str(tmp_path), "--labels_only")
+    assert folder.returncode == 2 and "is a folder, not a label file" in folder.stderr
 
 
 # ---------------------------------------------------------------------------- augmentation
