@@ -13,7 +13,7 @@ from data.config import CONFIGS
 from models import build_model
 from utils.checkpoint import config_of, load_checkpoint
 from utils.errors import run_cli
-from utils.training.trainer import DEFAULT_BACKBONE, Trainer, add_training_args, load_backbone_if_any, set_seed
+from utils.training.trainer import DEFAULT_BACKBONE, Trainer, add_training_args, load_backbone_if_any, log_main, set_seed
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def main(args: argparse.Namespace):
     else:
         model = build_model(args.model or "v1")
     if not args.resume and not args.init_weights:
-        load_backbone_if_any(model, args.pretrained_backbone, print)
+        load_backbone_if_any(model, args.pretrained_backbone, log_main)
     return Trainer(args, model).fit()
 
 

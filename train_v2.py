@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import argparse
 
-from models import build_model
 from utils.errors import non_negative_float, non_negative_int, positive_float, positive_int, run_cli, unit_float
-from utils.training.distillation import DistillationTrainer
-from utils.training.trainer import DEFAULT_BACKBONE, add_training_args, load_backbone_if_any, set_seed
+from utils.training.distillation import DEFAULT_TEACHER, DistillationTrainer, build_student
+from utils.training.trainer import DEFAULT_BACKBONE, add_training_args, load_backbone_if_any, log_main, set_seed
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Distil FeatherFace V2 from a V1 teacher checkpoint.")
-    parser.add_argument("--teacher_model", default="weights/featherface_v1/last.pth",
-                        help="V1-family checkpoint written by train.py (default: where train.py writes it) "
-                             "or converted by utils.convert_official")
+    parser.add_argument("--teacher_model", default=None,
+                        help="V1-family checkpoint written by train.py or converted by utils.convert_official "
+                             f"(default: with --resume the run's own teacher, else {DEFAULT_TEACHER}, where "
+                             "train.py writes it)")
+    parser.add_argument("--new_teacher", action="store_true",
+                        help="with --resume, distil from a --teacher_model whose weights differ from the teacher "
+                             "the run was distilled from (refused otherwise)")
     parser.add_argument("--pretrained_backbone", default=DEFAULT_BACKBONE,
                         help="ImageNet MobileNetV1-0.25 weights for the student ('none' = from scratch)")
     g = parser.add_argument_group("distillation")
@@ -43,6 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup_alpha", type=non_negative_float, default=0.2, help="MixUp Beta(alpha, alpha) (0 = off)")
     g.add_argument("--mixup_prob", type=unit_float, default=0.5, help="probability a batch is mixed up")
     g.add_argument("--cutmix_prob", type=unit_float, default=0.5, help="per-image CutMix probability on batches not mixed up")
+    g.add_argument("--dropblock_prob", type=unit_float, default=None,
+                   help="DropBlock probability on the student's fused features, training mode only (0 = off; "
+                        "default: with --resume the run's own, else V2's 0.1); stored in the checkpoint's model config")
     add_training_args(parser, epochs=400, name="featherface_v2")
     parser.set_defaults(gradient_clip=1.0, decay1=250, decay2=350)
     return parser
@@ -50,9 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace):
     set_seed(args.seed)
-    student = build_model("v2")
+    student = build_student(args)  # also fills --teacher_model / --dropblock_prob from a resumed run
     if not args.resume and not args.init_weights:  # --init_weights: a V2 checkpoint, loaded by the Trainer
-        load_backbone_if_any(student, args.pretrained_backbone, print)
+        load_backbone_if_any(student, args.pretrained_backbone, log_main)
     return DistillationTrainer(args, student).fit()
 
 

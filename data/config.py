@@ -65,6 +65,16 @@ class ModelConfig:
         return cls(**d)
 
 
+# Fields that shape the training-mode forward pass only: no weights, no effect in eval mode.
+# A run may set them (train_v2.py --dropblock_prob) and still load or resume the same weights.
+TRAINING_ONLY_FIELDS = ("dropblock_prob", "dropblock_size")
+
+
+def weight_fields(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A config dict without TRAINING_ONLY_FIELDS: equal for two networks whose weights fit each other."""
+    return {k: v for k, v in config.items() if k not in TRAINING_ONLY_FIELDS}
+
+
 # The four named models (docs/ARCHITECTURE.md §0).
 CONFIGS: Dict[str, ModelConfig] = {
     "v1": ModelConfig(name="v1", arch="v1", out_channels=52, bifpn_cells=3,

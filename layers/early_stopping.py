@@ -59,6 +59,11 @@ class SmartEarlyStopping:
         start, end = self.strict_window
         return max(1, self.patience // 2) if start <= epoch < end else self.patience
 
+    def stops_at(self, epoch: int) -> bool:
+        """Whether the bad epochs counted so far stop training at ``epoch`` under this patience
+        and ``min_epoch`` (a resumed run asks this with its own settings)."""
+        return epoch >= self.min_epoch and self.num_bad_epochs >= self.patience_at(epoch)
+
     def step(self, epoch: int, val_loss: float, val_map: Optional[float] = None) -> bool:
         """Record one validation; returns True when training should stop now."""
         val_loss = float(val_loss)
@@ -81,7 +86,7 @@ class SmartEarlyStopping:
         else:
             self.num_bad_epochs += 1
 
-        self.should_stop = epoch >= self.min_epoch and self.num_bad_epochs >= self.patience_at(epoch)
+        self.should_stop = self.stops_at(epoch)
         self.reason = ""
         if self.should_stop:
             start, end = self.strict_window

@@ -62,11 +62,11 @@ class MultiBoxLoss(nn.Module):
                 self.overlap_thresh, target[:, :4], priors, self.variances, target[:, 14], target[:, 4:14], weights)
         return loc_t, conf_t, landm_t, weight_t
 
-    def forward(self, predictions: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], priors: torch.Tensor,
-                targets: Union[Sequence[torch.Tensor], List[torch.Tensor]]) -> Dict[str, Union[torch.Tensor, int]]:
-        """predictions = (loc (B, N, 4), conf logits (B, N, 2), landm (B, N, 10)), priors (N, 4),
-        targets: B tensors (K_i, 15|16). Returns {"loss" (with grad), "loc", "conf", "landm"
-        (detached), "num_pos" (int, matched priors in the batch)}."""
+    def sums(self, predictions: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], priors: torch.Tensor,
+             targets: Union[Sequence[torch.Tensor], List[torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """The unnormalised loss sums of a batch, {"loc", "conf", "landm"} (with grad), and the
+        counts that normalise them, {"num_pos", "num_pos_landm"}. Every term is per image, so
+        sums and counts add up over batches: validation divides the totals of a whole set."""
         loc_p, conf_p, landm_p = predictions
         batch, num_priors = loc_p.shape[:2]
         if (loc_p.shape != (batch, num_priors, 4) or conf_p.shape != (batch, num_priors, self.num_classes)
@@ -81,27 +81,41 @@ class MultiBoxLoss(nn.Module):
 
         pos = conf_t != 0  # every matched face
         pos_landm = conf_t > 0  # matched faces that have landmarks
-        num_pos = pos.sum()
-        num_pos_landm = pos_landm.sum()
 
-        # Losses in float32 even under autocast; sums normalised by counts as RetinaFace does.
+        # Losses in float32 even under autocast.
         loc_terms = F.smooth_l1_loss(loc_p[pos].float(), loc_t[pos], reduction="none").sum(-1)
-        loss_loc = (loc_terms * weight_t[pos]).sum() / num_pos.clamp(min=1)
         landm_terms = F.smooth_l1_loss(landm_p[pos_landm].float(), landm_t[pos_landm], reduction="none").sum(-1)
-        loss_landm = (landm_terms * weight_t[pos_landm]).sum() / num_pos_landm.clamp(min=1)
-
         ce = F.cross_entropy(conf_p.reshape(-1, self.num_classes).float(), pos.reshape(-1).long(),
                              reduction="none").view(batch, num_priors)
         neg = self._hard_negatives(ce.detach(), pos)
-        loss_conf = (ce * weight_t)[pos | neg].sum() / num_pos.clamp(min=1)
-
-        total = self.loc_weight * loss_loc + loss_conf + self.landm_weight * loss_landm
         return {
-            "loss": total,
+            "loc": (loc_terms * weight_t[pos]).sum(),
+            "conf": (ce * weight_t)[pos | neg].sum(),
+            "landm": (landm_terms * weight_t[pos_landm]).sum(),
+            "num_pos": pos.sum(),
+            "num_pos_landm": pos_landm.sum(),
+        }
+
+    def combine(self, loc: torch.Tensor, conf: torch.Tensor, landm: torch.Tensor) -> torch.Tensor:
+        """The total loss from its normalised parts."""
+        return self.loc_weight * loc + conf + self.landm_weight * landm
+
+    def forward(self, predictions: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], priors: torch.Tensor,
+                targets: Union[Sequence[torch.Tensor], List[torch.Tensor]]) -> Dict[str, Union[torch.Tensor, int]]:
+        """predictions = (loc (B, N, 4), conf logits (B, N, 2), landm (B, N, 10)), priors (N, 4),
+        targets: B tensors (K_i, 15|16). Returns {"loss" (with grad), "loc", "conf", "landm"
+        (detached), "num_pos" (int, matched priors in the batch)}: the sums of `sums` normalised
+        by the batch's counts, as RetinaFace does."""
+        s = self.sums(predictions, priors, targets)
+        loss_loc = s["loc"] / s["num_pos"].clamp(min=1)
+        loss_conf = s["conf"] / s["num_pos"].clamp(min=1)
+        loss_landm = s["landm"] / s["num_pos_landm"].clamp(min=1)
+        return {
+            "loss": self.combine(loss_loc, loss_conf, loss_landm),
             "loc": loss_loc.detach(),
             "conf": loss_conf.detach(),
             "landm": loss_landm.detach(),
-            "num_pos": int(num_pos),
+            "num_pos": int(s["num_pos"]),
         }
 
     def _hard_negatives(self, ce: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

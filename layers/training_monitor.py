@@ -3,7 +3,8 @@
 ``log_step`` is meant to be called after clipping with the *pre-clip* norm
 (``layers.gradient_clipper``). A norm above ``grad_high`` suggests exploding gradients,
 one below ``grad_low`` vanishing ones (or a detached graph); a non-finite norm is also
-reported. Warnings go to ``logger`` and are counted in ``warnings``.
+reported. Warnings go to ``logger`` and are counted in ``warnings``, which ``state_dict`` /
+``load_state_dict`` carry over a resume.
 
 ``end_epoch`` measures the epoch from the previous ``start_epoch()`` call (or, without
 one, from the previous ``end_epoch`` / construction; the trainer calls ``start_epoch`` before
@@ -18,7 +19,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any, Callable, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
@@ -73,6 +74,13 @@ class TrainingMonitor:
         self.warnings = 0
         self.epoch_times: List[float] = []
         self._epoch_start = time.perf_counter()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What a resumed run needs to go on counting (the warnings so far)."""
+        return {"warnings": self.warnings}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.warnings = int(state.get("warnings", 0))
 
     def _scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:

@@ -237,6 +237,52 @@ def test_pretrained_backbone_from_shared_file(tmp_path):
     assert state.iteration == 1
 
 
+def test_val_loss_does_not_depend_on_the_batch_size():
+    # The mean of per-batch losses, each normalised by its own batch's matched faces, gave 18.8
+    # at batch 1 and 28.5 at batch 2 here; now the whole set's sums over its matched faces.
+    from layers.multibox_loss import MultiBoxLoss
+    from layers.prior_box import prior_boxes_for
+    from models import build_model
+    from utils.training.validation import ValidationSet, run_validation
+
+    torch.manual_seed(0)
+    net = build_model("v1_slim")
+    val_set = ValidationSet(SAMPLE, None, 96)
+    priors = prior_boxes_for(net.config, (96, 96))
+    criterion = MultiBoxLoss(2, 0.35, 7, net.config.variance, 2.0)
+    runs = [run_validation(net, val_set, criterion, priors, torch.device("cpu"), b, 0, False) for b in (1, 2, 4)]
+    for key in ("val_loss", "val_loc", "val_conf", "val_landm"):
+        assert [r[key] for r in runs] == pytest.approx([runs[0][key]] * 3, rel=1e-5), key
+    parts = runs[0]
+    assert parts["val_loss"] == pytest.approx(2 * parts["val_loc"] + parts["val_conf"] + parts["val_landm"], rel=1e-6)
+
+
+def test_last_epoch_checkpoints_are_written_once_with_the_stop_reason(tmp_path, monkeypatch):
+    import utils.training.resume as resume
+
+    written = []
+    real = resume.atomic_torch_save
+    monkeypatch.setattr(resume, "atomic_torch_save", lambda blob, path: (written.append(Path(path).name), real(blob, path)))
+    state = train.main(make_args(tmp_path, "--save_interval", "2", "--precise_bn_batches", "0"))
+    assert state.stop_reason == "finished 2 epochs"
+    assert written.count("last.pth") == 2 and written[-1] == "epoch_2.pth", written  # once per epoch
+    for name in ("last.pth", "best.pth", "epoch_2.pth"):
+        run_state = load_checkpoint(tmp_path / "w" / "t" / name)["run_state"]
+        assert run_state["stop_reason"] == ("finished 2 epochs" if run_state["epoch"] == 2 else ""), name
+    last = tmp_path / "w" / "t" / "last.pth"
+    before = last.read_bytes()  # resuming a finished run takes no step and writes nothing
+    assert train.main(make_args(tmp_path, "--resume", str(last))).stop_reason == "finished 2 epochs"
+    assert last.read_bytes() == before
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_backbone_message_is_printed_by_rank_0_only(tmp_path, monkeypatch, capsys, rank, printed):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(train, "Trainer", lambda args, model: type("Stub", (), {"fit": lambda self: None})())
+    train.main(make_args(tmp_path))
+    assert ("training from scratch" in capsys.readouterr().out) == printed
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -249,3 +295,4 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     blob = load_checkpoint(tmp_path / "w" / "ddp" / "last.pth")
     assert blob["run_state"]["iteration"] == 2  # 3 images over 2 ranks, batch 1 -> 2 steps each
+    assert out.stdout.count("training from scratch") == 1  # rank 0 only

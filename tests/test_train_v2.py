@@ -1,6 +1,7 @@
 """train_v2.py: distillation runs from a teacher written by train.py, and teacher errors."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -13,8 +14,9 @@ from models import build_model
 from tests.conftest import ROOT
 from tests.test_train import SAMPLE, make_args
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.errors import CheckpointError
-from utils.training.distillation import DistillationTrainer
+from utils.errors import CheckpointError, run_cli
+from utils.training.distillation import DistillationTrainer, build_student
+from utils.training.trainer import NonFiniteLossError, stability_advice
 
 
 def v2_args(tmp_path, teacher, *extra):
@@ -79,9 +81,101 @@ def test_resumed_distillation_equals_uninterrupted_run(tmp_path, teacher):
     b = load_checkpoint(tmp_path / "b" / "w" / "kd" / "last.pth")["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    monitors = [load_checkpoint(tmp_path / r / "w" / "kd" / "last.pth")["monitor"] for r in "ab"]
+    assert monitors[0] == monitors[1]  # the grad-warning count goes on over the resume
 
 
-def test_early_stopping_reason_saved_and_alpha_logged(tmp_path, teacher):
+def test_resume_keeps_its_teacher(tmp_path, teacher):
+    own = tmp_path / "teacher.pth"
+    shutil.copy(teacher, own)
+    train_v2.main(v2_args(tmp_path, own, "--max_iters", "1"))
+    last = tmp_path / "w" / "kd" / "last.pth"
+    saved = load_checkpoint(last)
+    assert saved["teacher"] == str(own) and len(saved["teacher_sha256"]) == 64
+    args = v2_args(tmp_path, own, "--max_iters", "2", "--resume", str(last))
+    args.teacher_model = None  # left out: the recorded teacher, not the flag's default path
+    assert train_v2.main(args).iteration == 2 and args.teacher_model == str(own)
+    blob = torch.load(own, weights_only=False)  # the same file, now with other weights
+    blob["model"]["bbox_head.convs.0.bias"] += 0.01
+    torch.save(blob, own)
+    before = last.read_bytes()
+    with pytest.raises(CheckpointError, match=r"is not the one the resumed run was distilled from .*--new_teacher"):
+        train_v2.main(v2_args(tmp_path, own, "--max_iters", "3", "--resume", str(last)))
+    assert last.read_bytes() == before
+    state = train_v2.main(v2_args(tmp_path, own, "--max_iters", "3", "--resume", str(last), "--new_teacher"))
+    assert state.iteration == 3 and load_checkpoint(last)["teacher_sha256"] != saved["teacher_sha256"]
+    own.rename(tmp_path / "moved.pth")
+    args = v2_args(tmp_path, own, "--max_iters", "4", "--resume", str(last))
+    args.teacher_model = None
+    with pytest.raises(CheckpointError, match=r"which is not there any more: give the teacher's new place"):
+        train_v2.main(args)
+
+
+def test_no_augment_also_turns_off_batch_mixing(tmp_path, teacher, monkeypatch):
+    import utils.training.distillation as distillation
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a batch was mixed under --no_augment")
+
+    monkeypatch.setattr(distillation, "mixup", refuse)
+    monkeypatch.setattr(distillation, "cutmix", refuse)
+    assert train_v2.main(v2_args(tmp_path, teacher, "--no_augment", "--mixup_prob", "1", "--max_iters", "2")).iteration == 2
+
+
+def test_dropblock_prob_is_a_flag_recorded_in_the_model_config(tmp_path, teacher):
+    def drops(args) -> bool:  # two training-mode passes over the same input differ only by DropBlock
+        student = build_student(args).train()
+        x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+        return not torch.equal(student.features(x)[0], student.features(x)[0])
+
+    default = v2_args(tmp_path, teacher)
+    assert drops(default) and default.dropblock_prob == pytest.approx(0.1)
+    off = v2_args(tmp_path, teacher, "--dropblock_prob", "0", "--max_iters", "1")
+    assert not drops(off)
+    assert sum(p.numel() for p in build_student(off).parameters()) == 256_156
+    train_v2.main(off)
+    last = tmp_path / "w" / "kd" / "last.pth"
+    assert load_checkpoint(last)["model_config"]["dropblock_prob"] == 0
+    resumed = v2_args(tmp_path, teacher, "--max_iters", "2", "--resume", str(last))
+    assert train_v2.main(resumed).iteration == 2 and resumed.dropblock_prob == 0  # the run's own
+    tuned = train_v2.main(v2_args(tmp_path / "ft", teacher, "--max_iters", "1", "--init_weights", str(last)))
+    assert tuned.iteration == 1  # the weights fit a run with DropBlock on
+    assert load_checkpoint(tmp_path / "ft" / "w" / "kd" / "last.pth")["model_config"]["dropblock_prob"] == 0.1
+
+
+def test_teacher_with_non_finite_values_is_one_error_line(tmp_path, teacher, capsys):
+    blob = torch.load(teacher, weights_only=False)
+    key = next(k for k in blob["model"] if k.endswith("running_var"))
+    blob["model"][key][0] = float("nan")
+    bad = tmp_path / "nan_teacher.pth"
+    torch.save(blob, bad)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_v2.main, v2_args(tmp_path, bad, "--max_iters", "1"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and str(bad) in err and key in err, err
+    assert not (tmp_path / "w").exists()
+
+
+def test_non_finite_loss_advice_follows_the_gradient_clip(tmp_path, teacher, monkeypatch):
+    real = DistillationTrainer.compute_loss
+    monkeypatch.setattr(DistillationTrainer, "compute_loss",
+                        lambda self, images, targets: dict(real(self, images, targets), loss=torch.tensor(float("nan"))))
+    with pytest.raises(NonFiniteLossError) as err:
+        train_v2.main(v2_args(tmp_path, teacher, "--max_iters", "1"))  # V2 clips at 1 by default
+    assert "a --gradient_clip below 1" in str(err.value) and "or --gradient_clip 1" not in str(err.value)
+    for clip, advice in ((0.0, "or --gradient_clip 1"), (5.0, "or --gradient_clip 1"), (0.5, "a --gradient_clip below 0.5")):
+        assert advice in stability_advice(v2_args(tmp_path, teacher, "--gradient_clip", str(clip)))
+
+
+def test_watched_val_ap_is_logged_by_its_name(tmp_path, teacher, capsys):
+    state = train_v2.main(v2_args(tmp_path, teacher, "--epochs", "1", "--val_dataset", str(SAMPLE),
+                                  "--precise_bn_batches", "0"))
+    out = capsys.readouterr().out
+    assert "follow val_ap50 (higher is better)" in out and "val_ap50" in state.history[0]
+    assert "watched_loss" not in out and "watched_loss" not in state.history[0]  # was the negated AP
+
+
+def test_early_stopping_reason_saved_and_alpha_logged(tmp_path, teacher, capsys):
     # A frozen student (lr 0) cannot learn (its task loss only moves with the DropBlock and
     # augmentation draws), so early stopping fires well before the last epoch.
     state = train_v2.main(v2_args(tmp_path, teacher, "--epochs", "8", "--lr", "0", "--min_epoch", "1",
@@ -93,8 +187,21 @@ def test_early_stopping_reason_saved_and_alpha_logged(tmp_path, teacher):
     assert all(0.4 <= h["alpha"] <= 0.8 for h in state.history)
     assert state.history[0]["alpha"] == pytest.approx(0.8)
     assert {"task", "distill", "kd_cls", "kd_box", "kd_landm", "loss"} <= set(state.history[0])
-    blob = load_checkpoint(tmp_path / "w" / "kd" / "last.pth")
+    last = tmp_path / "w" / "kd" / "last.pth"
+    blob = load_checkpoint(last)
     assert blob["run_state"]["stop_reason"] == state.stop_reason
+
+    # Resumed with the same flags: no step, nothing written; more patience goes on.
+    flags = ["--epochs", "8", "--lr", "0", "--min_epoch", "1", "--mixup_prob", "0", "--cutmix_prob", "0"]
+    before, epochs = last.read_bytes(), len(state.history)
+    capsys.readouterr()
+    again = train_v2.main(v2_args(tmp_path, teacher, *flags, "--early_stopping_patience", "2", "--resume", str(last)))
+    assert f"nothing to train: the run stopped early at epoch {epochs} (" in capsys.readouterr().out
+    assert (again.iteration, len(again.history), again.stop_reason) == (state.iteration, epochs, state.stop_reason)
+    assert last.read_bytes() == before
+    more = train_v2.main(v2_args(tmp_path, teacher, *flags, "--early_stopping_patience", "9",
+                                 "--max_iters", str(state.iteration + 1), "--resume", str(last)))
+    assert more.iteration == state.iteration + 1
 
 
 def test_alpha_flags_shape_the_schedule(tmp_path, teacher):

@@ -183,6 +183,26 @@ def test_end_epoch_summary_eta_and_scalars():
     assert ("epoch/grad_warnings", 1.0, 2) in writer.scalars
 
 
+def test_monitor_warning_count_survives_a_resume():
+    mon = TrainingMonitor(total_epochs=4, logger=lambda _: None)
+    mon.log_step(1, 50.0, {}, 0.1)
+    mon.log_step(2, 60.0, {}, 0.1)
+    resumed = TrainingMonitor(total_epochs=4, logger=lambda _: None)
+    resumed.load_state_dict(mon.state_dict())
+    resumed.log_step(3, 70.0, {}, 0.1)
+    assert resumed.warnings == 3 and resumed.end_epoch(2, {}).endswith("grad warnings 3")
+
+
+def test_resumed_stopper_answers_under_its_own_patience():
+    s = SmartEarlyStopping(patience=2, min_epoch=0, strict_window=(50, 60))
+    assert _run(s, range(10)) == 2 and s.stops_at(2)
+    longer = SmartEarlyStopping(patience=5, min_epoch=0, strict_window=(50, 60))
+    longer.load_state_dict(s.state_dict())
+    late = SmartEarlyStopping(patience=2, min_epoch=5, strict_window=(50, 60))
+    late.load_state_dict(s.state_dict())
+    assert not longer.stops_at(2) and not late.stops_at(2) and late.stops_at(5)
+
+
 def test_real_summary_writer(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

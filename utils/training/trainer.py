@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from data.augment import TrainTransform, ValTransform
 from data.check import check_dataset
+from data.config import weight_fields
 from data.wider_face import WiderFaceDataset, detection_collate
 from layers.gradient_clipper import GradientClipper
 from layers.multibox_loss import MultiBoxLoss
@@ -80,7 +81,8 @@ def add_training_args(parser: argparse.ArgumentParser, epochs: int, name: str) -
     g.add_argument("--image_size", type=positive_int, default=640, help="square training input size")
     g.add_argument("--num_workers", type=non_negative_int, default=4, help="data-loading worker processes")
     g.add_argument("--no_augment", action="store_true",
-                   help="only pad and resize training images (sanity checks such as overfitting a few images)")
+                   help="only pad and resize training images, and no MixUp/CutMix in train_v2.py (sanity checks "
+                        "such as overfitting a few images)")
     g.add_argument("--skip_bad_samples", action="store_true",
                    help="leave out images that fail the data check, and unusable face lines, instead of "
                         "refusing to start")
@@ -232,6 +234,19 @@ def as_floats(parts: Dict[str, Any]) -> Dict[str, float]:
     return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()}
 
 
+def log_main(message: str) -> None:
+    """Print on rank 0 only (every process of a torchrun run would print it otherwise)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, flush=True)
+
+
+def stability_advice(args: argparse.Namespace) -> str:
+    """What to try after a non-finite loss, given the run's own --gradient_clip."""
+    if 0 < args.gradient_clip <= 1:
+        return f"a lower --lr or a --gradient_clip below {args.gradient_clip:g}"
+    return "a lower --lr or --gradient_clip 1"
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -312,6 +327,10 @@ class Trainer:
         self.save_dir = Path(args.save_folder) / args.name
         self.keeper = CheckpointKeeper(self.save_dir, write=self.is_main)
         self.writer = None
+        # Epoch time (training + validation), ETA and peak memory to the log and TensorBoard (the
+        # writer is attached below); per-step scalars are written by train_one_epoch.
+        self.monitor = TrainingMonitor(args.epochs, None, self.log, step_scalars=False)
+        self.saved_stop_reason = ""  # why the resumed run had stopped
         if args.resume:
             self._resume(args.resume)
         if self.is_main:
@@ -322,9 +341,7 @@ class Trainer:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             args_json = json.dumps(vars(args), indent=2, default=str)
             (self.log_dir / "args.json").write_text(args_json)
-        # Epoch time (training + validation), ETA and peak memory to the log and TensorBoard;
-        # per-step scalars are written by train_one_epoch.
-        self.monitor = TrainingMonitor(args.epochs, self.writer, self.log, step_scalars=False)
+        self.monitor.writer = self.writer
 
     # ------------------------------------------------------------------ setup
     def _setup_device(self, name: str) -> torch.device:
@@ -350,8 +367,7 @@ class Trainer:
         return torch.optim.AdamW(params, lr=self.args.lr, weight_decay=self.args.weight_decay)
 
     def log(self, message: str) -> None:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(message, flush=True)
+        log_main(message)
 
     # ------------------------------------------------------------------ checkpoints
     def extra_state(self) -> Dict[str, Any]:
@@ -371,14 +387,14 @@ class Trainer:
             raise NonFiniteWeightsError(
                 f"the model holds non-finite values {self.position()} ({len(bad)} tensor(s) on rank {self.rank}"
                 + (f", e.g. {', '.join(bad[:3])}" if bad else "") + "); no checkpoint written; "
-                + self.keeper.describe_good("a lower --lr or --gradient_clip 1"))
+                + self.keeper.describe_good(stability_advice(self.args)))
         rng = ddp.all_gather_object(capture_rng(self.device))
         if not self.is_main:
             return None
         return cpu_copy(checkpoint_blob(
             self.model, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(), run_state=vars(self.state), args=vars(self.args), rng=rng,
-            run=self.run_identity, **self.extra_state()))
+            run=self.run_identity, monitor=self.monitor.state_dict(), **self.extra_state()))
 
     def position(self) -> str:
         state = self.state
@@ -401,13 +417,14 @@ class Trainer:
         if "optimizer" not in blob or "run_state" not in blob:
             raise CheckpointError(f"{path} holds weights only, not a training state; it cannot be resumed")
         net = unwrap(self.model)
-        if blob["model_config"] != net.config.to_dict():
+        if weight_fields(blob["model_config"]) != weight_fields(net.config.to_dict()):
             raise CheckpointError(
                 f"{path} was trained as '{blob['model_config'].get('name')}', this run builds '{net.config.name}'"
                 + ("; it is a distillation run: resume it with train_v2.py" if "teacher" in blob else
                    f"; resume it with train.py --model {blob['model_config'].get('name')}"))
         load_state_strict(net, blob["model"], path)
-        self.state = RunState(**{**blob["run_state"], "stop_reason": ""})
+        self.state = RunState(**{**blob["run_state"], "stop_reason": ""})  # decided afresh (nothing_to_train)
+        self.saved_stop_reason = blob["run_state"].get("stop_reason", "")
         position = self.position()
         changes = check_resume(path, blob.get("args", {}), blob.get("run", {}), vars(self.args),
                                self.run_identity, position)  # refuses what would move the position
@@ -427,6 +444,7 @@ class Trainer:
         note = restore_rng(rng_of_rank(blob["rng"], self.rank), self.device)
         if note:
             changes.append(note)
+        self.monitor.load_state_dict(blob.get("monitor", {}))
         self.load_extra_state(blob)
         self.keeper.resumed_from(path, position)
         self.log(f"resumed from {path}: {position}")
@@ -451,7 +469,7 @@ class Trainer:
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {self.state.epoch + 1}, iteration {self.state.iteration + 1} "
                 f"(rank {self.rank}: loss {float(loss.detach())}, parts {as_floats(parts)}); "
-                f"{self.keeper.describe_good('a lower --lr or --gradient_clip 1')}"
+                f"{self.keeper.describe_good(stability_advice(self.args))}"
             )
         self.keeper.step_was_finite()  # these weights gave a finite loss: their checkpoint may be written
         self.optimizer.zero_grad(set_to_none=True)
@@ -575,15 +593,27 @@ class Trainer:
         """Epoch-end hook; return a reason string to stop training early."""
         return None
 
+    def nothing_to_train(self) -> Optional[str]:
+        """Why a resumed run takes no step, with what would let it go on (None: it trains).
+        Sets the stop reason; subclasses add their own stops (V2: early stopping)."""
+        args, state = self.args, self.state
+        if args.max_iters and state.iteration >= args.max_iters:
+            state.stop_reason = f"--max_iters {args.max_iters} reached"
+            return f"{state.stop_reason} ({self.position()}); a larger --max_iters goes on"
+        if state.epoch >= args.epochs:
+            state.stop_reason = f"finished {args.epochs} epochs"
+            return f"the run {state.stop_reason} ({self.position()}); a larger --epochs goes on"
+        return None
+
     def fit(self) -> RunState:
         args, state = self.args, self.state
         self.log(f"training {unwrap(self.model).config.name} on {len(self.dataset)} images "
                  f"({self.dataset.num_faces} faces), {self.iters_per_epoch} iterations/epoch, "
                  f"device {self.device}{' x' + str(self.world) if self.distributed else ''}, "
                  f"checkpoints in {self.save_dir}" + (f", TensorBoard in {self.log_dir}" if self.is_main else ""))
-        if args.max_iters and state.iteration >= args.max_iters:  # resumed at the limit: not one step more
-            state.stop_reason = f"--max_iters {args.max_iters} reached"
-            self.log(f"nothing to train: {state.stop_reason} ({self.position()}); a larger --max_iters goes on")
+        nothing = self.nothing_to_train()
+        if nothing:  # resumed where the run had stopped: not one step more, nothing written
+            self.log(f"nothing to train: {nothing}")
             if self.writer is not None:
                 self.writer.close()
             return state
@@ -596,7 +626,8 @@ class Trainer:
                     metrics["precise_bn_s"] = bn_seconds
                 if args.max_iters and state.iteration >= args.max_iters and state.epoch_iter < self.iters_per_epoch:
                     state.stop_reason = f"--max_iters {args.max_iters} reached"
-                    break  # last.pth is written below, with the stop reason
+                    self.save("last.pth")  # inside the epoch: no validation, no epoch line
+                    break
                 if self.val_set is not None and ((state.epoch + 1) % args.val_interval == 0
                                                  or state.epoch + 1 == args.epochs):
                     metrics.update(self.validate_once())
@@ -610,21 +641,19 @@ class Trainer:
                 state.epoch_iter = 0
                 if reason:
                     state.stop_reason = reason
+                elif state.epoch >= args.epochs:
+                    state.stop_reason = f"finished {args.epochs} epochs"
+                elif args.max_iters and state.iteration >= args.max_iters:
+                    state.stop_reason = f"--max_iters {args.max_iters} reached"
                 names = ["last.pth"] + (["best.pth"] if improved else [])
                 if args.save_interval and state.epoch % args.save_interval == 0:
                     names.append(f"epoch_{state.epoch}.pth")
-                self.checkpoint(names, final=bool(reason) or state.epoch >= args.epochs
-                                or bool(args.max_iters and state.iteration >= args.max_iters))
+                # The run's last checkpoints are written once, at once, with the stop reason.
+                self.checkpoint(names, final=bool(state.stop_reason))
                 if reason:
                     self.log(f"stopping early: {reason}")
+                if state.stop_reason:
                     break
-                if args.max_iters and state.iteration >= args.max_iters:
-                    state.stop_reason = f"--max_iters {args.max_iters} reached"
-                    break
-            else:
-                state.stop_reason = state.stop_reason or f"finished {args.epochs} epochs"
-            if state.stop_reason:
-                self.save("last.pth")
         except NonFiniteLossError:
             raise  # the staged checkpoint holds the weights that gave it: not written
         except BaseException:
@@ -673,7 +702,7 @@ def init_from_checkpoint(model: nn.Module, path: str, log) -> None:
     blob = load_checkpoint(path)
     net = unwrap(model)
     saved, own = blob["model_config"], net.config.to_dict()
-    if saved != own:
+    if weight_fields(saved) != weight_fields(own):  # DropBlock's setting is the run's own
         changed = sorted(k for k in set(saved) | set(own) if saved.get(k) != own.get(k))
         raise CheckpointError(f"--init_weights {path} holds a '{saved.get('name')}' model, this run trains "
                               f"'{net.config.name}' (differing config fields: {', '.join(changed)}); "

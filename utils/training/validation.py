@@ -129,13 +129,16 @@ def run_validation(net: nn.Module, val_set: ValidationSet, criterion: nn.Module,
                    device: torch.device, batch_size: int, num_workers: int = 0, compute_ap: bool = True,
                    wider: Optional[WiderSubset] = None) -> Dict[str, float]:
     """Val loss parts (`val_loss`, `val_loc`, ...) and, with `compute_ap`, `val_ap50` and with
-    `wider` also `val_easy`, `val_medium`, `val_hard`. The model is put back in its mode."""
+    `wider` also `val_easy`, `val_medium`, `val_hard`. The model is put back in its mode.
+
+    The loss is the training loss's normalisation over the whole set, not a mean of per-batch
+    losses: each part's sum over every image divided by the matched faces (anchors) of every
+    image, so it does not depend on the batch size."""
     loader = DataLoader(val_set, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
                         generator=torch.Generator().manual_seed(0))  # never draw from the global RNG
     was_training = net.training
     net.train(False)
-    totals: Dict[str, float] = {}
-    count = 0
+    totals = dict.fromkeys(("loc", "conf", "landm", "num_pos", "num_pos_landm"), 0.0)
     detections: List[np.ndarray] = [np.zeros((0, 15), np.float32)] * len(val_set)
     size = (val_set.image_size, val_set.image_size)
     variance = net.config.variance
@@ -144,10 +147,9 @@ def run_validation(net: nn.Module, val_set: ValidationSet, criterion: nn.Module,
             images = images.to(device)
             feats = net.features(images)
             loc, logits, landm = net.bbox_head(feats), net.class_head(feats), net.landmark_head(feats)
-            parts = criterion((loc, logits, landm), priors, [t.to(device) for t in targets])
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + float(v) * len(targets)
-            count += len(targets)
+            sums = criterion.sums((loc, logits, landm), priors, [t.to(device) for t in targets])
+            for k in totals:
+                totals[k] += float(sums[k])
             if compute_ap:
                 scores = F.softmax(logits, dim=-1)
                 for row, (index, scale) in enumerate(indices):
@@ -157,7 +159,10 @@ def run_validation(net: nn.Module, val_set: ValidationSet, criterion: nn.Module,
                         WIDER_POSTPROCESS.top_k, WIDER_POSTPROCESS.keep_top_k)
     finally:
         net.train(was_training)
-    metrics = {f"val_{k}": v / max(count, 1) for k, v in totals.items()}
+    parts = {"loc": totals["loc"] / max(totals["num_pos"], 1), "conf": totals["conf"] / max(totals["num_pos"], 1),
+             "landm": totals["landm"] / max(totals["num_pos_landm"], 1)}
+    metrics = {"val_loss": float(criterion.combine(**parts)), **{f"val_{k}": v for k, v in parts.items()},
+               "val_num_pos": totals["num_pos"]}
     if compute_ap:
         metrics["val_ap50"] = ap50_over_labels(detections, val_set.records)
         if wider is not None:
