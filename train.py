@@ -13,7 +13,8 @@ from data.config import CONFIGS
 from models import build_model
 from utils.checkpoint import config_of, load_checkpoint
 from utils.errors import run_cli
-from utils.training.trainer import DEFAULT_BACKBONE, Trainer, add_training_args, load_backbone_if_any, log_main, set_seed
+from utils.training.trainer import (DEFAULT_BACKBONE, Trainer, add_training_args, load_backbone_if_any, log_main,
+                                    refuse_to_overwrite, set_seed)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -28,6 +29,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace):
+    refuse_to_overwrite(args)  # before any model is built or data checked
     set_seed(args.seed)
     if args.model is None and args.init_weights:
         model = build_model(config_of(load_checkpoint(args.init_weights)))  # the Trainer loads its weights

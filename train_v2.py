@@ -15,7 +15,8 @@ import argparse
 
 from utils.errors import non_negative_float, non_negative_int, positive_float, positive_int, run_cli, unit_float
 from utils.training.distillation import DEFAULT_TEACHER, DistillationTrainer, build_student
-from utils.training.trainer import DEFAULT_BACKBONE, add_training_args, load_backbone_if_any, log_main, set_seed
+from utils.training.trainer import (DEFAULT_BACKBONE, add_training_args, load_backbone_if_any, log_main,
+                                    refuse_to_overwrite, set_seed)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,6 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace):
+    refuse_to_overwrite(args)  # before the teacher or student is built or data checked
     set_seed(args.seed)
     student = build_student(args)  # also fills --teacher_model / --dropblock_prob from a resumed run
     if not args.resume and not args.init_weights:  # --init_weights: a V2 checkpoint, loaded by the Trainer

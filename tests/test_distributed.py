@@ -18,8 +18,10 @@ import torch
 
 from models import build_model
 from tests.conftest import ROOT
-from tests.test_train import SAMPLE
+import train
+from tests.test_train import SAMPLE, make_args
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.errors import FeatherFaceError
 from utils.training import distributed as ddp
 
 
@@ -104,7 +106,20 @@ def test_single_process_helpers_are_identities():
 
 # ---------------------------------------------------------------- torchrun runs
 
-def torchrun(script, args, tmp_path, timeout=420):
+def test_a_rank_other_than_0_refuses_an_earlier_runs_folder_by_itself(tmp_path, monkeypatch):
+    """Each rank looks at SAVE_FOLDER/NAME itself before any collective, so no rank is left waiting
+    for one that stopped. Here rank 1 of 2 without a rendezvous: joining the group would fail."""
+    (tmp_path / "w" / "t").mkdir(parents=True)
+    (tmp_path / "w" / "t" / "last.pth").write_bytes(b"an earlier run")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(FeatherFaceError, match="already holds checkpoints of an earlier run"):
+        train.main(make_args(tmp_path))
+
+
+def torchrun(script, args, tmp_path, timeout=420, returncode=0):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), str(script), *args]
@@ -127,7 +142,7 @@ def torchrun(script, args, tmp_path, timeout=420):
     stdout, stderr = Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text()
     if hung:
         pytest.fail(f"2-process run hung past {timeout} s: {' '.join(cmd)}\n{stderr[-2000:]}")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert proc.returncode == returncode, stdout[-3000:] + stderr[-3000:]
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
@@ -211,3 +226,11 @@ def test_two_rank_run_interrupted_and_resumed_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6, msg=key)
     assert [h["loss"] for h in a["run_state"]["history"]][-1] == pytest.approx(
         [h["loss"] for h in b["run_state"]["history"]][-1], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_ranks_refuse_an_earlier_runs_folder_together(tmp_path):
+    (tmp_path / "w" / "again").mkdir(parents=True)
+    (tmp_path / "w" / "again" / "last.pth").write_bytes(b"an earlier run")
+    out = torchrun(ROOT / "train.py", _train_args(tmp_path, "again"), tmp_path, timeout=120, returncode=1)
+    assert out.stderr.count("already holds checkpoints of an earlier run") == 2, out.stderr[-3000:]

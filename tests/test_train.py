@@ -112,6 +112,39 @@ def test_label_file_problems_stop_even_with_skip_bad_samples(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_a_missing_label_file_is_one_sentence_naming_its_flag(tmp_path, capsys):
+    # It used to be reported as "1 of them in the label file itself ...: fix the file".
+    missing = tmp_path / "widerface" / "train" / "label.txt"
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(train.main, make_args(tmp_path, "--training_dataset", str(missing)))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: label file {missing} not found (--training_dataset)"
+    with pytest.raises(BadDatasetError, match=r"label file .+ is a folder, not a label file \(--val_dataset\)$"):
+        train.main(make_args(tmp_path, "--val_dataset", str(tmp_path)))
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_new_run_refuses_to_replace_an_earlier_runs_checkpoints(tmp_path, capsys):
+    train.main(make_args(tmp_path, "--max_iters", "1"))
+    run = tmp_path / "w" / "t"
+    last = run / "last.pth"
+    before = last.read_bytes()
+    # The same command again (here with a label file that is not there: refused before any data check).
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(train.main, make_args(tmp_path, "--training_dataset", str(tmp_path / "none.txt")))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {run} already holds checkpoints of an earlier run (last.pth): continue it with --resume {last}, "
+        f"give this run another --name, or pass --overwrite to replace them")
+    assert last.read_bytes() == before
+    # --overwrite: the new run's checkpoints only, none of the earlier run's left beside them.
+    (run / "epoch_9.pth").write_bytes(before)
+    state = train.main(make_args(tmp_path, "--max_iters", "1", "--overwrite", "--seed", "1"))
+    assert state.iteration == 1 and [p.name for p in run.glob("*.pth")] == ["last.pth"]
+    assert load_checkpoint(last)["args"]["seed"] == 1
+    assert "deleted the earlier run's 2 checkpoint(s)" in capsys.readouterr().out
+
+
 def test_val_images_are_checked_before_training(tmp_path):
     # A missing or cut-short val image used to surface only at the first validation, after a
     # whole epoch, as a traceback; now the run does not start.

@@ -14,7 +14,7 @@ from models import build_model
 from tests.conftest import ROOT
 from tests.test_train import SAMPLE, make_args
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.errors import CheckpointError, run_cli
+from utils.errors import CheckpointError, FeatherFaceError, run_cli
 from utils.training.distillation import DistillationTrainer, build_student
 from utils.training.trainer import NonFiniteLossError, stability_advice
 
@@ -210,6 +210,18 @@ def test_alpha_flags_shape_the_schedule(tmp_path, teacher):
     args = v2_args(tmp_path, teacher, "--epochs", "10", "--alpha_final", "0.8", "--alpha_late_cap", "1")
     alpha = DistillationTrainer(args, build_model("v2")).alpha
     assert [alpha.value(e) for e in range(10)] == pytest.approx([0.8] * 10)
+
+
+def test_fine_tuning_needs_its_own_name_not_to_replace_its_start(tmp_path, teacher):
+    train_v2.main(v2_args(tmp_path, teacher, "--max_iters", "1"))
+    last = tmp_path / "w" / "kd" / "last.pth"
+    before = last.read_bytes()
+    # The README's fine-tune command once wrote over the very file it started from. Refused
+    # before the teacher is loaded (here there is none) or the student built:
+    with pytest.raises(FeatherFaceError, match=rf"holds checkpoints .*--resume {last}, .*--name, .*--overwrite"):
+        train_v2.main(v2_args(tmp_path, tmp_path / "no_teacher.pth", "--max_iters", "1", "--init_weights", str(last)))
+    state = train_v2.main(v2_args(tmp_path, teacher, "--max_iters", "1", "--init_weights", str(last), "--name", "ft"))
+    assert state.iteration == 1 and last.read_bytes() == before and (tmp_path / "w" / "ft" / "last.pth").is_file()
 
 
 def test_teacher_of_wrong_model_is_a_clear_error(tmp_path):

@@ -306,6 +306,19 @@ def test_init_weights_for_the_v2_student(tmp_path, teacher):  # noqa: F811
         train_v2.main(v2_args(tmp_path / "x", teacher, "--max_iters", "1", "--init_weights", str(teacher)))
 
 
+def test_init_weights_hint_names_the_script_running(tmp_path, teacher):  # noqa: F811
+    # train.py trains any model: it once answered with train_v2.py's hint.
+    with pytest.raises(CheckpointError) as error:
+        train.main(make_args(tmp_path / "a", "--max_iters", "1", "--init_weights", str(teacher), model="v2"))
+    assert "leave --model out to train the model it holds" in str(error.value)
+    assert "train_v2.py" not in str(error.value)
+    args = make_args(tmp_path / "b", "--max_iters", "1", "--init_weights", str(teacher))
+    args.model = None  # as the hint says: the checkpoint's own model
+    assert train.main(args).iteration == 1
+    with pytest.raises(CheckpointError, match=r"train_v2\.py trains V2 only: give a V2 checkpoint \(a V1-family"):
+        train_v2.main(v2_args(tmp_path / "c", teacher, "--max_iters", "1", "--init_weights", str(teacher)))
+
+
 def _matched(faces: np.ndarray, reference: np.ndarray, iou: float = 0.5) -> int:
     if len(faces) == 0 or len(reference) == 0:
         return 0

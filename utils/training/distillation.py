@@ -84,6 +84,7 @@ class DistillationTrainer(Trainer):
     """Trainer whose loss mixes the MultiBox task loss with distillation from a frozen teacher."""
 
     task_loss_key = "task"  # without validation, best.pth follows this, not the alpha-weighted total
+    script = "train_v2.py"
 
     def __init__(self, args: argparse.Namespace, model: torch.nn.Module) -> None:
         fill_resumed_flags(args)

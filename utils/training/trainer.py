@@ -33,7 +33,8 @@ from layers.gradient_clipper import GradientClipper
 from layers.multibox_loss import MultiBoxLoss
 from layers.prior_box import prior_boxes_for
 from layers.training_monitor import TrainingMonitor
-from utils.checkpoint import checkpoint_blob, load_checkpoint, load_pretrained_backbone, load_state_strict, unwrap
+from utils.checkpoint import (checkpoint_blob, load_checkpoint, load_pretrained_backbone, load_state_strict, show_keys,
+                              unwrap)
 from utils.errors import (CheckpointError, FeatherFaceError, non_negative_float, non_negative_int,
                           positive_int)
 from utils.training import distributed as ddp
@@ -109,6 +110,9 @@ def add_training_args(parser: argparse.ArgumentParser, epochs: int, name: str) -
     g.add_argument("--name", default=name, help=f"run name: checkpoints in SAVE_FOLDER/NAME, logs in runs/NAME (default {name})")
     g.add_argument("--save_interval", type=non_negative_int, default=10, help="also keep epoch_N.pth every N epochs (0 = never)")
     g.add_argument("--resume", default=None, help="checkpoint to continue from (its full state is restored)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a SAVE_FOLDER/NAME that holds checkpoints of an earlier run: they "
+                        "(*.pth) are deleted once this run's checks have passed (refused without this flag)")
     g.add_argument("--init_weights", default=None,
                    help="start from the model weights of this checkpoint (ours, or a converted published one) "
                         "with a fresh optimizer and schedule: fine-tuning")
@@ -165,10 +169,14 @@ class EpochSampler(Sampler[int]):
         return len(self.indices()) - self.skip
 
 
-def preflight(label_file, image_root, args: argparse.Namespace, log, role: str):
+def preflight(label_file, image_root, args: argparse.Namespace, log, role: str, flag: str):
     """Rank 0 checks a label file and its images (decoding in --num_workers processes, cached per
     image) and tells the other ranks; problems are listed, and those of the label file itself
-    (not of one image) stop the run even with --skip_bad_samples."""
+    (not of one image) stop the run even with --skip_bad_samples. A label file that is not there
+    is a path typo, not a problem in the file: every rank says so before any collective."""
+    if not Path(label_file).is_file():
+        what = "is a folder, not a label file" if Path(label_file).is_dir() else "not found"
+        raise BadDatasetError(f"label file {label_file} {what} ({flag})")
     report = ddp.broadcast_object(
         check_dataset(label_file, image_root, num_workers=max(args.num_workers, 1))
         if ddp.get_rank() == 0 else None)
@@ -195,9 +203,23 @@ def preflight(label_file, image_root, args: argparse.Namespace, log, role: str):
     return report
 
 
+def refuse_to_overwrite(args: argparse.Namespace) -> None:
+    """A new run (no --resume) does not replace an earlier run's checkpoints in SAVE_FOLDER/NAME
+    unless --overwrite says so. Called before any data check or model build; every rank looks at
+    the folder itself (no collective), so all of them stop together."""
+    save_dir = Path(args.save_folder) / args.name
+    found = sorted(p.name for p in save_dir.glob("*.pth"))
+    if args.resume or args.overwrite or not found:
+        return
+    last = save_dir / ("last.pth" if "last.pth" in found else found[-1])
+    raise FeatherFaceError(f"{save_dir} already holds checkpoints of an earlier run ({show_keys(found, 3)}): "
+                           f"continue it with --resume {last}, give this run another --name, or pass "
+                           f"--overwrite to replace them")
+
+
 def build_train_set(args: argparse.Namespace, log) -> WiderFaceDataset:
     """Pre-flight check of the training labels and images, then the dataset."""
-    report = preflight(args.training_dataset, args.image_root, args, log, "training data")
+    report = preflight(args.training_dataset, args.image_root, args, log, "training data", "--training_dataset")
     dataset = WiderFaceDataset(args.training_dataset, args.image_root, skip=report.bad_samples,
                                keep_invalid=args.keep_invalid_faces, skip_bad_faces=args.skip_bad_samples)
     for warning in dataset.dropped_boxes[:3]:
@@ -274,8 +296,10 @@ class Trainer:
     """Runs training for a FeatherFace model; see module docstring."""
 
     task_loss_key = "loss"  # the training task loss in the step metrics (V2: "task", not the KD mix)
+    script = "train.py"  # the script running this trainer, for hints in messages
 
     def __init__(self, args: argparse.Namespace, model: nn.Module) -> None:
+        refuse_to_overwrite(args)  # the scripts call it first too, before their models are built
         self.args = args
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.device = self._setup_device(args.device)
@@ -295,7 +319,7 @@ class Trainer:
         self.sampler = EpochSampler(len(self.dataset), args.seed, self.rank, self.world)
         self.iters_per_epoch = math.ceil(len(self.sampler.indices()) / args.batch_size)
         if args.val_dataset:  # its images are checked now, not when the first epoch has run
-            preflight(args.val_dataset, args.val_image_root, args, self.log, "--val_dataset")
+            preflight(args.val_dataset, args.val_image_root, args, self.log, "--val_dataset", "--val_dataset")
         self.val_set = (ValidationSet(args.val_dataset, args.val_image_root, args.image_size)
                         if args.val_dataset else None)
         self.val_wider = WiderSubset(args.val_gt_dir, self.val_set.records) if args.val_gt_dir and self.val_set else None
@@ -306,7 +330,7 @@ class Trainer:
             if args.resume:
                 raise FeatherFaceError("--init_weights and --resume exclude each other: --resume continues a run "
                                        "(weights, optimizer, schedule), --init_weights starts a new one from weights")
-            init_from_checkpoint(model, args.init_weights, self.log)
+            init_from_checkpoint(model, args.init_weights, self.log, self.script)
 
         self.model = model.to(self.device)
         if self.device.type == "cuda":
@@ -339,6 +363,11 @@ class Trainer:
             self.log_dir = Path(args.log_dir) / args.name
             self.writer = SummaryWriter(str(self.log_dir), purge_step=self.state.iteration or None)
             self.save_dir.mkdir(parents=True, exist_ok=True)
+            earlier = [] if args.resume else sorted(self.save_dir.glob("*.pth"))  # only with --overwrite
+            for path in earlier:
+                path.unlink()
+            if earlier:
+                self.log(f"--overwrite: deleted the earlier run's {len(earlier)} checkpoint(s) in {self.save_dir}")
             args_json = json.dumps(vars(args), indent=2, default=str)
             (self.log_dir / "args.json").write_text(args_json)
         self.monitor.writer = self.writer
@@ -695,7 +724,13 @@ class Trainer:
         return shared[1], shared[2]
 
 
-def init_from_checkpoint(model: nn.Module, path: str, log) -> None:
+INIT_WEIGHTS_HINTS = {
+    "train.py": "leave --model out to train the model it holds, or give a checkpoint of the --model asked for",
+    "train_v2.py": "train_v2.py trains V2 only: give a V2 checkpoint (a V1-family one is a --teacher_model)",
+}
+
+
+def init_from_checkpoint(model: nn.Module, path: str, log, script: str = "train.py") -> None:
     """--init_weights: the model weights of a checkpoint of the same model, nothing else (the
     optimizer and the schedule start afresh). Another model, or keys that do not fit, stop with
     a message naming them."""
@@ -706,8 +741,7 @@ def init_from_checkpoint(model: nn.Module, path: str, log) -> None:
         changed = sorted(k for k in set(saved) | set(own) if saved.get(k) != own.get(k))
         raise CheckpointError(f"--init_weights {path} holds a '{saved.get('name')}' model, this run trains "
                               f"'{net.config.name}' (differing config fields: {', '.join(changed)}); "
-                              + ("train.py: pick the matching --model" if net.config.name != "v2" else
-                                 "train_v2.py trains V2 only: give a V2 checkpoint (a V1 one is a --teacher_model)"))
+                              f"{INIT_WEIGHTS_HINTS[script]}")
     load_state_strict(net, blob["model"], f"--init_weights {path}")
     log(f"model weights initialised from {path} (optimizer and schedule start afresh)")
 
