@@ -206,10 +206,11 @@ def test_static_size_export_is_fixed_and_letterboxed_everywhere(tmp_path):
     detector = FaceDetector(raw, backend="onnx", conf=0.7)  # 16 faces here
     assert detector.fixed_size == (128, 128)
     faces = detector.detect_array(image)
-    # The same by hand: resize to fit, pad with the mean colour (0 after mean removal), run the model.
+    # The same by hand: resize to fit (float32 pixels, as data.preprocess does), pad with the mean colour
+    # (0 after mean removal), run the model.
     scale = min(128 / image.shape[0], 128 / image.shape[1])
-    small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-    canvas = np.empty((128, 128, 3), np.uint8)
+    small = cv2.resize(image.astype(np.float32), None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+    canvas = np.empty((128, 128, 3), np.float32)
     canvas[:] = (104, 117, 123)
     canvas[: small.shape[0], : small.shape[1]] = small
     expected = FaceDetector(model, backend="torch", conf=0.7).detect_array(canvas, scale=1.0)
@@ -361,6 +362,15 @@ def test_usage_example_runs_images_smaller_than_one_stride(v2, v2_package, tmp_p
         cv2.imwrite(str(path), image)
         faces = example.main(example.get_args_parser().parse_args([str(path), "--threshold", "0.3"]))
         expected = FaceDetector(model, backend="torch", conf=0.3).detect_array(image)
+        diff = compare_detections(path.name, expected, faces)
+        assert len(expected) > 0 and detection_graph_ok(diff), diff.line()
+    # --max_size scales float32 pixels down as FaceDetector does, a strip's 1-pixel side kept.
+    strip = np.random.default_rng(2).integers(0, 256, (1, 400, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "strip.png"), strip)
+    for path, image, max_size in [(GROUP, cv2.imread(str(GROUP)), "300"), (tmp_path / "strip.png", strip, "100")]:
+        faces = example.main(example.get_args_parser().parse_args([str(path), "--threshold", "0.3",
+                                                                    "--max_size", max_size]))
+        expected = FaceDetector(model, backend="torch", conf=0.3, max_size=int(max_size)).detect_array(image)
         diff = compare_detections(path.name, expected, faces)
         assert len(expected) > 0 and detection_graph_ok(diff), diff.line()
 

@@ -85,16 +85,25 @@ def read_image(path):
 
 
 def to_input(image_bgr, mean_bgr):
-    """HxWx3 uint8 BGR -> (1, 3, H, W) float32, mean removed, no scaling."""
+    """HxWx3 BGR (uint8 or float32) -> (1, 3, H, W) float32, mean removed, no scaling."""
     x = image_bgr.astype(np.float32) - np.asarray(mean_bgr, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def resize(image_bgr, scale):
+    """Bilinear resize of the float32 pixels, as FeatherFace's own code resizes (OpenCV sizes the output
+    and maps pixels by `scale`; a side that would round to 0 px keeps 1)."""
+    height, width = image_bgr.shape[:2]
+    size = (round(width * scale), round(height * scale))
+    dsize = None if min(size) >= 1 else (max(1, size[0]), max(1, size[1]))
+    return cv2.resize(image_bgr.astype(np.float32), dsize, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
 
 
 def letterbox(image_bgr, size, mean_bgr):
     """For graphs of fixed input size (H, W): the image resized by the largest scale that fits, on a
     canvas of the mean colour (0 after mean removal) at the top left. Returns (canvas, scale)."""
     scale = min(size[0] / image_bgr.shape[0], size[1] / image_bgr.shape[1])
-    resized = cv2.resize(image_bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)[: size[0], : size[1]]
+    resized = resize(image_bgr, scale)[: size[0], : size[1]]
     canvas = np.empty((size[0], size[1], 3), np.float32)
     canvas[:] = np.asarray(mean_bgr, dtype=np.float32)
     canvas[: resized.shape[0], : resized.shape[1]] = resized
@@ -109,7 +118,7 @@ def detect(session, image_bgr, config, score_threshold, max_size=None):
         image_bgr, scale = letterbox(image_bgr, fixed_size, config["mean_bgr"])
     elif max_size and max(image_bgr.shape[:2]) > max_size:
         scale = max_size / max(image_bgr.shape[:2])
-        image_bgr = cv2.resize(image_bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+        image_bgr = resize(image_bgr, scale)
     inputs = {
         config["input"]["name"]: to_input(image_bgr, config["mean_bgr"]),
         "score_threshold": np.array(score_threshold, dtype=np.float32),
