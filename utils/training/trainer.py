@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -625,14 +625,20 @@ class Trainer:
     def nothing_to_train(self) -> Optional[str]:
         """Why a resumed run takes no step, with what would let it go on (None: it trains).
         Sets the stop reason; subclasses add their own stops (V2: early stopping)."""
+        reason, flag = self.limit_reached()
+        if reason is None:
+            return None
+        self.state.stop_reason = reason
+        return f"{reason} ({self.position()}); a larger {flag} goes on"
+
+    def limit_reached(self) -> Tuple[Optional[str], str]:
+        """(stop reason, the flag that set the limit) once --epochs or --max_iters is reached, else (None, "")."""
         args, state = self.args, self.state
-        if args.max_iters and state.iteration >= args.max_iters:
-            state.stop_reason = f"--max_iters {args.max_iters} reached"
-            return f"{state.stop_reason} ({self.position()}); a larger --max_iters goes on"
         if state.epoch >= args.epochs:
-            state.stop_reason = f"finished {args.epochs} epochs"
-            return f"the run {state.stop_reason} ({self.position()}); a larger --epochs goes on"
-        return None
+            return f"finished {args.epochs} epochs", "--epochs"
+        if args.max_iters and state.iteration >= args.max_iters:
+            return f"--max_iters {args.max_iters} reached", "--max_iters"
+        return None, ""
 
     def fit(self) -> RunState:
         args, state = self.args, self.state
@@ -654,7 +660,7 @@ class Trainer:
                 if bn_seconds is not None:
                     metrics["precise_bn_s"] = bn_seconds
                 if args.max_iters and state.iteration >= args.max_iters and state.epoch_iter < self.iters_per_epoch:
-                    state.stop_reason = f"--max_iters {args.max_iters} reached"
+                    state.stop_reason = self.limit_reached()[0]  # mid-epoch: the --max_iters limit
                     self.save("last.pth")  # inside the epoch: no validation, no epoch line
                     break
                 if self.val_set is not None and ((state.epoch + 1) % args.val_interval == 0
@@ -668,12 +674,7 @@ class Trainer:
                     self.monitor.end_epoch(state.epoch, metrics, step=state.epoch + 1)
                 state.epoch += 1
                 state.epoch_iter = 0
-                if reason:
-                    state.stop_reason = reason
-                elif state.epoch >= args.epochs:
-                    state.stop_reason = f"finished {args.epochs} epochs"
-                elif args.max_iters and state.iteration >= args.max_iters:
-                    state.stop_reason = f"--max_iters {args.max_iters} reached"
+                state.stop_reason = reason or self.limit_reached()[0] or ""
                 names = ["last.pth"] + (["best.pth"] if improved else [])
                 if args.save_interval and state.epoch % args.save_interval == 0:
                     names.append(f"epoch_{state.epoch}.pth")
