@@ -18,7 +18,7 @@ from utils.deploy.export import (DEFAULT_OPSET, ExportError, MIN_DEFORM_OPSET, c
                                  export_graphs, export_onnx, op_counts, require_exporter)
 from utils.deploy.package import not_a_package, write_deployment_package
 from utils.deploy.parity import verify_export
-from utils.deploy.quantize import find_images, quantize_and_report, sample_images
+from utils.deploy.quantize import find_calibration_images, quantize_and_report, sample_images
 from utils.deploy.rewrites import DEFORM_FORMS
 from utils.deploy.staging import staged
 from utils.errors import CheckpointError, FeatherFaceError, positive_int, run_cli, unit_float
@@ -102,7 +102,7 @@ def main(args: argparse.Namespace) -> dict:
     check_opset(config, args.opset, args.deform_form)
     if args.quantize and not args.calibration_images:
         raise FeatherFaceError("--quantize int8 needs --calibration_images DIR")
-    calibration = find_images(args.calibration_images) if args.quantize else []
+    calibration = find_calibration_images(args.calibration_images) if args.quantize else []
     require_exporter()
     default = Path(args.weights).with_suffix(".onnx") if args.weights else Path(f"weights/{config.name}_random_init.onnx")
     raw = Path(args.output) if args.output else default

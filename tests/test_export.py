@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -462,6 +463,22 @@ def test_cli_user_errors(tmp_path, capsys):
     assert code == 2 and "--quantize int8 needs --calibration_images DIR" in err and not (tmp_path / "q.onnx").exists()
     code, err = _cli(capsys, "--model", "v2", "--random_init", "--pad_stem", "--no_rewrites", "--output", tmp_path / "x.onnx")
     assert code == 2 and "--pad_stem needs the graph rewrites" in err and not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_unreadable_calibration_image_stops_before_the_export(tmp_path, capsys):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    shutil.copyfile(GROUP, folder / "good.jpg")
+    (folder / "cut.jpg").write_bytes(GROUP.read_bytes()[:20000])
+    (folder / "empty.png").write_bytes(b"")
+    args = script.get_args_parser().parse_args(["--model", "v2", "--random_init", "--quantize", "int8",
+                                                "--calibration_images", str(folder), "--output", str(tmp_path / "q.onnx")])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(script.main, args)
+    code, (out, err) = exit_info.value.code, capsys.readouterr()
+    assert code == 2 and "2 of 3 calibration images cannot be used" in err, err
+    assert "cut.jpg: image cannot be decoded" in err and "JPEG is truncated" in err and "empty.png" in err
+    assert "exporting" not in out and list(tmp_path.iterdir()) == [folder]
 
 
 def test_help_works_without_weights():

@@ -28,6 +28,18 @@ def find_images(folder: PathLike) -> List[Path]:
     return images
 
 
+def find_calibration_images(folder: PathLike) -> List[Path]:
+    """find_images(folder), each decoded once up front, so that an unreadable image stops the
+    export before anything is traced (calibration itself runs after the FP32 export)."""
+    images = find_images(folder)
+    bad = [f"{p}: {why}" for p in images for why in [read_image(p)[1]] if why]
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ExportError(f"{len(bad)} of {len(images)} calibration images cannot be used: "
+                          + "; ".join(bad[:3]) + more)
+    return images
+
+
 def load_image(path: PathLike) -> np.ndarray:
     image, why = read_image(path)
     if image is None:
