@@ -10,7 +10,7 @@ The value at epoch ``e`` (0-based) is, in this order:
    (i.e. *more than* ``plateau_patience``) without a new best loss; each one multiplies
    alpha by 0.9 once more and restarts the count, so the student leans on the ground
    truth sooner when learning stalls;
-3. capped at ``late_cap`` once ``e >= late_fraction * total_epochs`` (epoch 320 of 400),
+3. capped at ``late_cap`` once ``e / total_epochs >= late_fraction`` (from epoch 320 of 400),
    so the last fifth of training is driven mainly by the task loss.
 
 With the defaults, epoch 330 gives ``min(0.5525, 0.4) = 0.4``.
@@ -68,7 +68,8 @@ class DynamicAlpha:
     def value(self, epoch: int) -> float:
         """Alpha to use for ``epoch`` (0-based)."""
         alpha = self.linear(epoch) * self.plateau_factor**self.num_plateaus
-        if epoch >= self.late_fraction * self.total_epochs:
+        # e / total >= fraction, not e >= fraction * total: 0.55 * 100 rounds to 55.000000000000007.
+        if epoch / self.total_epochs >= self.late_fraction:
             alpha = min(alpha, self.late_cap)
         return alpha
 

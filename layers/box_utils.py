@@ -10,9 +10,8 @@ Encoding (RetinaFace / SSD, variances v = (0.1, 0.2)):
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
-
 from types import ModuleType
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -20,6 +19,14 @@ __all__ = [
     "point_form", "center_size", "box_iou", "encode", "decode", "encode_landmarks",
     "decode_landmarks", "assign_priors", "match", "torchvision_ops",
 ]
+
+NUM_LANDMARK_POINTS = 5
+# RetinaFace drops a face whose best anchor overlaps it less than this (too small or too
+# odd-shaped for any anchor); it then cannot be forced onto an anchor.
+MIN_BEST_PRIOR_OVERLAP = 0.2
+# Floor for box sides before the log in `encode`: a degenerate (zero-width) face would give
+# -inf targets and a non-finite loss.
+_MIN_SIDE = 1e-6
 
 _TORCHVISION_OPS: Optional[ModuleType] = None
 
@@ -40,14 +47,6 @@ def torchvision_ops() -> ModuleType:
 def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """(N, 4) x (M, 4) corner-form boxes -> (N, M) IoU (torchvision's)."""
     return torchvision_ops().box_iou(boxes1, boxes2)
-
-NUM_LANDMARK_POINTS = 5
-# RetinaFace drops a face whose best anchor overlaps it less than this (too small or too
-# odd-shaped for any anchor); it then cannot be forced onto an anchor.
-MIN_BEST_PRIOR_OVERLAP = 0.2
-# Floor for box sides before the log in `encode`: a degenerate (zero-width) face would give
-# -inf targets and a non-finite loss.
-_MIN_SIDE = 1e-6
 
 
 def point_form(boxes: torch.Tensor) -> torch.Tensor:

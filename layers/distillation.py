@@ -92,12 +92,16 @@ class DistillationLoss(nn.Module):
         )
 
     def _teacher_logits(self, conf: Tensor) -> Tensor:
+        """The teacher's (detached) conf as float32 logits, or log-probabilities with teacher_is_prob."""
+        logits = conf.float()
         if not self.teacher_is_prob:
-            return conf
-        sums = conf.sum(-1)
-        if (conf.min() < 0) or not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+            return logits
+        # A softmax's rows sum to 1 only up to rounding in its own dtype (bf16: eps 2**-7).
+        atol = max(1e-3, torch.finfo(conf.dtype).eps)
+        sums = logits.sum(-1)
+        if (logits.min() < 0) or not torch.allclose(sums, torch.ones_like(sums), atol=atol):
             raise ValueError("teacher_is_prob=True but the teacher conf is not a softmax (rows must be >= 0 and sum to 1)")
-        return conf.clamp_min(1e-12).log()
+        return logits.clamp_min(1e-12).log()
 
     def forward(self, student_outputs: Sequence[Tensor], teacher_outputs: Sequence[Tensor]) -> Dict[str, Tensor]:
         """Returns {"distill": total (with grad), "kd_cls", "kd_box", "kd_landm": detached parts}."""
@@ -110,8 +114,8 @@ class DistillationLoss(nn.Module):
             )
         # float32 so the loss is stable under AMP autocast.
         s_loc, s_conf, s_landm = (t.float() for t in student_outputs)
-        t_loc, t_conf, t_landm = (t.detach().float() for t in teacher_outputs)
-        t_conf = self._teacher_logits(t_conf)
+        t_loc, t_landm = (t.detach().float() for t in (teacher_outputs[0], teacher_outputs[2]))
+        t_conf = self._teacher_logits(teacher_outputs[1].detach())
 
         T = self.temperature
         log_p_s = F.log_softmax(s_conf / T, dim=-1)

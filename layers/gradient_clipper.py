@@ -9,8 +9,11 @@ multiplied by the loss scale at that point, so the caller must unscale them firs
     scaler.step(optimizer)              # skips the step itself if the grads hold inf/NaN
     scaler.update()
 
-A non-finite norm (an AMP overflow step) is counted in ``nonfinite_steps`` but kept out of
-the history, so one overflow does not poison the mean.
+A non-finite norm (an AMP overflow step) leaves the gradients untouched (scaling them by
+``max_norm / norm`` would turn every one into 0 or NaN) and is counted in ``nonfinite_steps``
+but kept out of the history, so one overflow does not poison the mean. The caller must then
+skip ``optimizer.step()``: ``GradScaler.step`` does so by itself, and the trainer checks the
+returned norm, which also covers runs without AMP.
 """
 from __future__ import annotations
 
@@ -39,11 +42,15 @@ class GradientClipper:
 
     def __call__(self, parameters: Union[Tensor, Iterable[Tensor]]) -> float:
         """Clip in place; returns the total norm *before* clipping."""
-        norm = float(torch.nn.utils.clip_grad_norm_(parameters, self.max_norm, norm_type=self.norm_type))
+        params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        grads = [p.grad for p in params if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads, norm_type=self.norm_type)
+        norm = float(total)
         self.total_steps += 1
         if not math.isfinite(norm):
             self.nonfinite_steps += 1
             return norm
+        torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, total)
         self.norms.append(norm)
         if norm > self.max_norm:
             self.clipped_steps += 1

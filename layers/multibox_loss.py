@@ -7,6 +7,12 @@ without (its landmark values are ignored). An optional 16th column is a per-box 
 landmark and the positive classification terms), e.g. the mix ratio of the image a box
 came from under MixUp. Negatives always weigh 1, and the normalisers stay plain counts,
 so a weight of 0.5 halves that box's contribution.
+
+Malformed targets raise ValueError naming the image rather than poisoning training silently:
+non-finite boxes, boxes with x2 < x1 or y2 < y1 (either would knock other faces' priors out
+of the matching), labels other than 1 / -1, non-finite landmarks on a face with landmarks,
+and negative or non-finite weights. A zero-area box is allowed: it overlaps no prior and is
+ignored, as RetinaFace ignores every face whose best prior IoU is below 0.2.
 """
 from __future__ import annotations
 
@@ -21,6 +27,28 @@ from layers.box_utils import match
 
 TARGET_COLUMNS = 15  # 4 box + 10 landmark + label
 WEIGHTED_TARGET_COLUMNS = 16  # ... + per-box weight
+
+
+def _check_target(index: int, target: torch.Tensor) -> None:
+    """Raise ValueError if the (K, 15|16) float target of image `index` is malformed (see the
+    module docstring). One host sync when it is fine."""
+    boxes, landmarks, labels = target[:, :4], target[:, 4:14], target[:, 14]
+    finite_box = torch.isfinite(boxes).all(dim=1)
+    has_landmarks = labels == 1
+    checks = {  # per check, (K,) True where the row is fine
+        "non-finite box coordinates": finite_box,
+        "boxes with x2 < x1 or y2 < y1": (boxes[:, 2:] >= boxes[:, :2]).all(dim=1) | ~finite_box,
+        "labels other than 1 (landmarks) / -1 (none)": has_landmarks | (labels == -1),
+        "non-finite landmarks on a face with landmarks": torch.isfinite(landmarks).all(dim=1) | ~has_landmarks,
+    }
+    if target.shape[1] == WEIGHTED_TARGET_COLUMNS:
+        weights = target[:, 15]
+        checks["a negative or non-finite weight"] = torch.isfinite(weights) & (weights >= 0)
+    ok = torch.stack(list(checks.values()))  # (checks, K)
+    if bool(ok.all()):
+        return
+    problems = [f"{what} (rows {(~row).nonzero().flatten().tolist()})" for what, row in zip(checks, ok) if not row.all()]
+    raise ValueError(f"targets[{index}] is malformed: " + "; ".join(problems))
 
 
 class MultiBoxLoss(nn.Module):
@@ -57,6 +85,7 @@ class MultiBoxLoss(nn.Module):
                 raise ValueError(f"targets[{i}] must be (K, {TARGET_COLUMNS}) [box, landmarks, label] or "
                                  f"(K, {WEIGHTED_TARGET_COLUMNS}) [..., weight], got {tuple(target.shape)}")
             target = target.to(device=device, dtype=dtype)
+            _check_target(i, target)
             weights = target[:, 15] if target.shape[1] == WEIGHTED_TARGET_COLUMNS else None
             loc_t[i], conf_t[i], landm_t[i], weight_t[i] = match(
                 self.overlap_thresh, target[:, :4], priors, self.variances, target[:, 14], target[:, 4:14], weights)

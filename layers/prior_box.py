@@ -27,10 +27,16 @@ def _check_image_size(image_size: Sequence[int]) -> Tuple[int, int]:
     return int(image_size[0]), int(image_size[1])
 
 
+def _check_levels(min_sizes: Sequence[Sequence[int]], steps: Sequence[int]) -> None:
+    if len(min_sizes) != len(steps):
+        raise ValueError(f"min_sizes has {len(min_sizes)} levels but steps has {len(steps)}")
+
+
 def num_priors(image_size: Sequence[int], min_sizes: Sequence[Sequence[int]] = DEFAULT_MIN_SIZES,
                steps: Sequence[int] = DEFAULT_STEPS) -> int:
     """Number of priors for an input of `image_size` (H, W), without building them."""
     height, width = _check_image_size(image_size)
+    _check_levels(min_sizes, steps)
     return sum(math.ceil(height / s) * math.ceil(width / s) * len(m) for s, m in zip(steps, min_sizes))
 
 
@@ -38,8 +44,7 @@ def prior_boxes(image_size: Sequence[int], min_sizes: Sequence[Sequence[int]] = 
                 steps: Sequence[int] = DEFAULT_STEPS, clip: bool = False) -> torch.Tensor:
     """Priors for an input of `image_size` (H, W) -> float32 (N, 4) [cx, cy, w, h] normalised."""
     height, width = _check_image_size(image_size)
-    if len(min_sizes) != len(steps):
-        raise ValueError(f"min_sizes has {len(min_sizes)} levels but steps has {len(steps)}")
+    _check_levels(min_sizes, steps)
     levels = []
     for step, sizes in zip(steps, min_sizes):
         rows, cols = math.ceil(height / step), math.ceil(width / step)

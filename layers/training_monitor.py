@@ -6,13 +6,17 @@ one below ``grad_low`` vanishing ones (or a detached graph); a non-finite norm i
 reported. Warnings go to ``logger`` and are counted in ``warnings``, which ``state_dict`` /
 ``load_state_dict`` carry over a resume.
 
-``end_epoch`` measures the epoch from the previous ``start_epoch()`` call (or, without
-one, from the previous ``end_epoch`` / construction; the trainer calls ``start_epoch`` before
-the first batch and ``end_epoch`` after validation, before writing checkpoints), estimates the ETA as mean epoch time
-times the remaining epochs (epochs are 0-based, so after epoch ``e`` there are
-``total_epochs - e - 1`` left), reports peak memory (CUDA max allocated during the epoch
-when CUDA is initialised, else the process' peak RSS), writes every metric to TensorBoard
-under ``epoch/<name>`` and returns the summary line (also passed to ``logger``).
+``end_epoch``, called once per epoch (the trainer calls ``start_epoch`` before the first
+batch and ``end_epoch`` after validation, before writing checkpoints):
+
+* measures the epoch from the previous ``start_epoch`` (without one, from the previous
+  ``end_epoch`` or the construction);
+* estimates the ETA as the mean epoch time times the epochs left (epochs are 0-based, so
+  after epoch ``e`` there are ``total_epochs - e - 1``);
+* reports peak memory: CUDA max allocated during the epoch when CUDA is initialised, else
+  the process' peak RSS;
+* writes every metric to TensorBoard under ``epoch/<name>`` and returns the summary line
+  (also passed to ``logger``).
 """
 from __future__ import annotations
 

@@ -114,6 +114,23 @@ def test_teacher_probabilities_give_the_same_loss_as_logits():
         DistillationLoss(teacher_is_prob=True)(student, teacher)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_teacher_probabilities_in_half_precision_are_accepted(dtype):
+    """An eval-mode teacher run in half precision (a bf16 model, or CPU autocast, where softmax
+    stays bf16) returns rows that sum to 1 only within the dtype's rounding: bf16 was refused
+    as "not a softmax"."""
+    g = torch.Generator().manual_seed(15)
+    logits = torch.randn(B, 4000, 2, generator=g) * 3
+    teacher = (torch.zeros(B, 4000, 4), F.softmax(logits.to(dtype), -1), torch.zeros(B, 4000, 10))
+    student = (torch.zeros(B, 4000, 4), torch.zeros(B, 4000, 2), torch.zeros(B, 4000, 10))
+    got = DistillationLoss(teacher_is_prob=True)(student, teacher)["kd_cls"].item()
+    want = DistillationLoss()(student, (teacher[0], logits, teacher[2]))["kd_cls"].item()
+    assert got == pytest.approx(want, rel=2e-2)
+    # rows that are clearly not probabilities are still refused
+    with pytest.raises(ValueError, match="softmax"):
+        DistillationLoss(teacher_is_prob=True)(student, (teacher[0], teacher[1] * 0.9, teacher[2]))
+
+
 def test_bad_shapes_are_rejected():
     student, teacher = _outputs(12), _outputs(13)
     with pytest.raises(ValueError, match="same anchors"):
@@ -179,3 +196,13 @@ def test_alpha_after_plateau_and_resume():
         a.step_validation(1.0)
     assert a.value(399) == pytest.approx(0.50075 * 0.9**7)
     assert math.isclose(b.value(100), 0.725 * 0.9)
+
+
+@pytest.mark.parametrize("fraction,total", [(0.55, 100), (0.56, 25), (0.8, 400), (0.5, 7)])
+def test_late_cap_starts_exactly_at_the_fraction(fraction, total):
+    """The cap starts at the first epoch e with e >= fraction * total in exact arithmetic;
+    0.55 * 100 is 55.000000000000007 in floats, which left epoch 55 uncapped."""
+    a = DynamicAlpha(total_epochs=total, late_fraction=fraction, late_cap=0.1)
+    first = -(-round(fraction * 100) * total // 100)  # ceil(fraction * total), in integers
+    assert a.value(first - 1) > 0.1
+    assert a.value(first) == pytest.approx(0.1)

@@ -167,3 +167,77 @@ def test_bad_inputs_raise():
         loss_fn(zeros_preds(1), ROW_PRIORS[:5], [torch.zeros(0, 15)])
     with pytest.raises(ValueError, match="num_classes"):
         MultiBoxLoss(num_classes=3)
+
+
+# ------------------------------------------------------------ malformed targets
+NAN, INF = float("nan"), float("inf")
+
+
+def _with(row: torch.Tensor, col: int, value: float) -> torch.Tensor:
+    row = row.clone()
+    row[0, col] = value
+    return row
+
+
+@pytest.mark.parametrize("bad,what", [
+    (_with(face_on_prior(5), 0, NAN), "non-finite box"),
+    (_with(face_on_prior(5), 2, INF), "non-finite box"),
+    (_with(face_on_prior(5), 7, NAN), "non-finite landmarks"),  # a face that has landmarks
+    (_with(face_on_prior(5), 14, NAN), "label"),
+    (_with(face_on_prior(5), 14, 0.0), "label"),  # would silently turn the face into background
+    (_with(face_on_prior(5), 14, 0.4), "label"),
+    (_with(face_on_prior(5), 14, 2.0), "label"),
+    (_with(face_on_prior(5, weight=1.0), 15, NAN), "weight"),
+    (_with(face_on_prior(5, weight=1.0), 15, -0.5), "weight"),  # would make the loss negative
+    (torch.tensor([[0.6, 0.45, 0.5, 0.55] + [-1.0] * 10 + [-1.0]]), "x2 < x1"),
+])
+def test_malformed_targets_raise_naming_the_image(bad, what):
+    """Bad target values used to poison training silently: a NaN box or an inverted box
+    knocked other faces' priors out of the matching, a NaN landmark or weight gave a NaN
+    loss with no hint where it came from, label 0 trained a face as background and a
+    negative weight gave a negative loss."""
+    good = face_on_prior(0, weight=1.0 if bad.shape[1] == 16 else None)
+    targets = [good, torch.cat([good, bad])]
+    with pytest.raises(ValueError, match=r"targets\[1\].*" + what):
+        MultiBoxLoss()(zeros_preds(2), ROW_PRIORS, targets)
+
+
+def test_nan_box_does_not_silently_unmatch_other_faces():
+    priors = prior_boxes((64, 64))
+    face = torch.tensor([[0.3, 0.3, 0.56, 0.56] + [0.4] * 10 + [1.0]])
+    nan_face = torch.tensor([[NAN] * 4 + [0.4] * 10 + [1.0]])
+    preds = zeros_preds(1, priors.shape[0])
+    assert MultiBoxLoss()(preds, priors, [face])["num_pos"] == 3
+    with pytest.raises(ValueError, match="non-finite box"):  # was: num_pos 1 and a finite loss
+        MultiBoxLoss()(preds, priors, [torch.cat([face, nan_face])])
+
+
+def test_ignored_landmarks_and_degenerate_boxes_are_accepted():
+    # a face without landmarks may carry anything there (even NaN): its landmarks are ignored
+    plain = face_on_prior(3, label=-1.0)
+    nan_ldm = plain.clone()
+    nan_ldm[0, 4:14] = NAN
+    preds = (torch.full((1, N, 4), 0.3), torch.randn(1, N, 2), torch.full((1, N, 10), 0.3))
+    a = MultiBoxLoss()(preds, ROW_PRIORS, [plain])
+    b = MultiBoxLoss()(preds, ROW_PRIORS, [nan_ldm])
+    assert torch.isfinite(b["loss"]) and b["loss"].item() == a["loss"].item() and b["num_pos"] == 1
+    # a zero-area box (a point or a line) overlaps no prior: ignored, like RetinaFace does
+    for box in ([0.3, 0.5, 0.3, 0.5], [0.3, 0.45, 0.3, 0.55]):
+        point = torch.tensor([box + [-1.0] * 10 + [-1.0]])
+        out = MultiBoxLoss()(preds, ROW_PRIORS, [point])
+        assert out["num_pos"] == 0 and torch.isfinite(out["loss"])
+
+
+def test_half_precision_and_autocast_predictions_give_a_float32_loss():
+    priors = prior_boxes((64, 64))
+    targets = [torch.tensor([[0.2, 0.2, 0.6, 0.7] + [0.4] * 10 + [1.0]])]
+    g = torch.Generator().manual_seed(0)
+    preds = tuple(torch.randn(1, priors.shape[0], k, generator=g) for k in (4, 2, 10))
+    ref = MultiBoxLoss()(preds, priors, targets)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = tuple(p.to(dtype).requires_grad_(True) for p in preds)
+        out = MultiBoxLoss()(low, priors.to(dtype), targets)
+        assert out["loss"].dtype == torch.float32 and out["num_pos"] == ref["num_pos"]
+        assert out["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-2)
+        out["loss"].backward()
+        assert all(torch.isfinite(p.grad).all() for p in low)

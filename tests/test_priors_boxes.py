@@ -83,6 +83,13 @@ def test_clip_and_bad_input():
         prior_boxes((64, 64), min_sizes=((16, 32),), steps=(8, 16))
 
 
+def test_num_priors_rejects_mismatched_levels_like_prior_boxes():
+    # zip() used to drop the extra level silently: 2 levels counted for a 3-step config
+    with pytest.raises(ValueError, match="levels"):
+        num_priors((64, 64), min_sizes=((16, 32), (64, 128)), steps=(8, 16, 32))
+    assert num_priors((64, 64), MIN_SIZES, STEPS) == prior_boxes((64, 64), MIN_SIZES, STEPS).shape[0]
+
+
 def test_cache_returns_independent_copies():
     a = cached_prior_boxes((96, 128))
     a.zero_()

@@ -59,6 +59,27 @@ def test_clipper_leaves_small_gradients_and_tracks_history():
     assert restored.stats() == clipper.stats()
 
 
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_clipper_leaves_gradients_alone_when_the_norm_is_not_finite(bad):
+    """clip_grad_norm_ scales by max_norm / norm: with an overflowed norm it turned every
+    finite gradient of the model into 0 (inf) or NaN (nan). The gradients must stay as they
+    are (the caller skips the step) and the norm is reported, uncounted in the history."""
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    a.grad = torch.tensor([bad, 1.0, 2.0])
+    b.grad = torch.tensor([0.5, -0.5])
+    clipper = GradientClipper(max_norm=1.0)
+    norm = clipper([a, b])
+    assert not math.isfinite(norm) and (math.isnan(norm) if math.isnan(bad) else math.isinf(norm))
+    assert torch.equal(b.grad, torch.tensor([0.5, -0.5]))
+    assert a.grad[1:].tolist() == [1.0, 2.0]
+    assert clipper.stats()["nonfinite_steps"] == 1 and clipper.stats()["count"] == 0
+    # the next, finite step is clipped as usual
+    a.grad, b.grad = torch.tensor([3.0, 0.0, 4.0]), None
+    assert clipper([a, b]) == pytest.approx(5.0)
+    assert a.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+    assert clipper.stats()["clipped_steps"] == 1
+
+
 # ---------------------------------------------------------------- SmartEarlyStopping
 
 
