@@ -172,7 +172,7 @@ def _probe_cached(label_file: PathLike, records: Sequence[LabelRecord], paths: S
     seen: Dict[str, list] = {}
     to_decode: Dict[str, List[int]] = {}
     for i, (record, path) in enumerate(zip(records, paths)):
-        if not record.image:
+        if not record.has_path:
             continue  # reported by the parser
         try:
             st = path.stat()
@@ -228,7 +228,7 @@ def check_dataset(label_file: PathLike, image_root: Optional[PathLike] = None,
     paths = [resolve_image_path(label_file, r.image, image_root) for r in parsed.records]
 
     probes = [] if labels_only else _probe_cached(label_file, parsed.records, paths, num_workers, use_cache, report)
-    image_results = [[] if labels_only or not record.image  # a missing path is reported by the parser
+    image_results = [[] if labels_only or not record.has_path  # an unusable path is reported by the parser
                      else _check_image(name, record, path, probe)
                      for record, path, probe in zip(parsed.records, paths, probes or [None] * len(paths))]
     for record, found in zip(parsed.records, image_results):
@@ -261,6 +261,9 @@ def main(args: argparse.Namespace) -> int:
     if not Path(args.labels).is_file():  # a path typo is not a problem "in the label file"
         what = "is a folder, not a label file" if Path(args.labels).is_dir() else "not found"
         raise FeatherFaceError(f"label file {args.labels} {what}")
+    if args.images is not None and not args.labels_only and not Path(args.images).is_dir():
+        what = "is a file, not a folder" if Path(args.images).exists() else "not found"
+        raise FeatherFaceError(f"images folder {args.images} {what}")  # not one "image not found" per image
     report = check_dataset(args.labels, args.images, num_workers=args.workers, labels_only=args.labels_only,
                            use_cache=not args.no_cache)
     for problem in report.problems:

@@ -5,6 +5,7 @@ no scaling: input = float32(BGR) - (104, 117, 123), laid out CHW.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
@@ -21,16 +22,42 @@ _MEAN = np.asarray(MEAN_BGR, dtype=np.float32)
 _MEAN_CHW = torch.tensor(MEAN_BGR, dtype=torch.float32).view(3, 1, 1)
 
 
+# A JPEG marker: FF followed by neither a stuffed 00, a restart code (D0-D7) nor a fill FF.
+_JPEG_MARKER = re.compile(b"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_STANDALONE = (0x01, 0xD8)  # markers without a length field (besides RSTn and EOI)
+
+
+def _jpeg_has_end(data: bytes) -> bool:
+    """True when the JPEG's own end-of-image marker (FF D9) follows its image data.
+
+    Walks the segments from the start: header segments (APPn, with EXIF thumbnails that have
+    their own FF D9, DQT, ...) are skipped by their length, scan data up to the next marker
+    (inside it an FF byte is always stuffed, so no marker occurs by accident). Bytes after the
+    end marker (a phone's motion-photo video, a second MPF image) are not looked at.
+    """
+    pos = 2
+    while True:
+        found = _JPEG_MARKER.search(data, pos)
+        if found is None:
+            return False
+        code, pos = data[found.start() + 1], found.end()
+        if code == 0xD9:
+            return True
+        if code not in _JPEG_STANDALONE:
+            if pos + 2 > len(data):
+                return False
+            pos += int.from_bytes(data[pos:pos + 2], "big")
+
+
 def truncation_problem(data: bytes) -> Optional[str]:
     """Why a JPEG or PNG file is cut short, or None.
 
     Decoders fill a truncated image with grey and return it with only a warning on stderr,
-    so the file's structure is checked: a JPEG must have its end-of-image marker (FF D9)
-    after its last start-of-scan (FF DA; inside the scan data an FF byte is always stuffed,
-    so neither marker occurs by accident), a PNG its IEND chunk. Other formats: None.
+    so the file's structure is checked: a JPEG must reach its end-of-image marker (FF D9)
+    after its image data (`_jpeg_has_end`), a PNG must have its IEND chunk. Other formats: None.
     """
     if data[:2] == b"\xff\xd8":
-        if data.rfind(b"\xff\xd9") < max(data.rfind(b"\xff\xda"), 0):
+        if not _jpeg_has_end(data):
             return "JPEG is truncated (no end-of-image marker after the image data)"
     elif data[:8] == b"\x89PNG\r\n\x1a\n":
         if data.rfind(b"IEND") < 0:
@@ -48,6 +75,8 @@ def read_image(path: Union[str, Path]) -> Tuple[Optional[np.ndarray], str]:
         data = Path(path).read_bytes()
     except OSError as exc:
         return None, f"cannot read the file ({exc.strerror or exc})"
+    except ValueError as exc:  # a path the OS cannot take (a NUL byte, unencodable characters)
+        return None, f"cannot read the file ({exc})"
     if not data:
         return None, "image file is empty (0 bytes)"
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)

@@ -23,6 +23,7 @@ Landmark order: left eye, right eye, nose, left mouth corner, right mouth corner
 left/right). Image paths are relative to ``<label dir>/images`` (RetinaFace convention)
 unless an explicit ``image_root`` is given; without one, a path that is not found there
 but exists relative to the label file's own folder (``# images/x.jpg`` style) is used.
+A backslash in a path is read as a folder separator (label files written on Windows).
 
 Problems are collected per image with the label-file line they come from, so
 ``data.check`` can list all of them and the dataset can refuse (or skip) exactly the
@@ -37,13 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from data.augment import landmark_labels, make_targets
-from data.preprocess import IMAGE_SUFFIXES, preprocess
+from data.preprocess import IMAGE_SUFFIXES, preprocess, read_image
 
 __all__ = [
     "LabelFormatError", "Problem", "LabelRecord", "LabelFile", "Sample", "read_label_file",
@@ -98,6 +98,11 @@ class LabelRecord:
     invalid: np.ndarray  # (K,) bool, the official format's "invalid" flag (always False for label.txt)
     problems: List[Problem] = field(default_factory=list)
     dropped: List[Problem] = field(default_factory=list)  # warnings: degenerate boxes left out
+
+    @property
+    def has_path(self) -> bool:
+        """False when the path line is empty or unusable (the parser reported it)."""
+        return bool(self.image) and "\x00" not in self.image
 
     @property
     def image_problems(self) -> List[Problem]:
@@ -229,6 +234,14 @@ class _RecordBuilder:
         )
 
 
+def _check_path(builder: _RecordBuilder) -> None:
+    """A NUL byte (a damaged file) makes a path no system can open: a problem of that line
+    (`LabelRecord.has_path` is then False, so nothing looks the path up)."""
+    if "\x00" in builder.image:
+        builder.problem(builder.line, f"image path {builder.image.replace(chr(0), '<NUL>')!r} contains a NUL byte "
+                                      f"(damaged label file?)")
+
+
 def _face_values(builder: _RecordBuilder, line_no: int, tokens: List[str],
                  counts: Tuple[int, ...], layout: str) -> Optional[List[float]]:
     builder.face_no += 1
@@ -258,6 +271,7 @@ def _parse_retinaface(file: str, lines: Sequence[str]) -> Tuple[List[LabelRecord
             current = _RecordBuilder(file, len(records), text[1:].strip(), line_no)
             if not current.image:
                 current.problem(line_no, "image line '#' has no path")
+            _check_path(current)
             continue
         if current is None:
             orphans.append(Problem(file, line_no, "face line before the first '# image' line"))
@@ -298,6 +312,7 @@ def _parse_wider(file: str, lines: Sequence[str]) -> Tuple[List[LabelRecord], Li
     records = []
     for index, (path_line, image, body) in enumerate(blocks):
         builder = _RecordBuilder(file, index, image, path_line)
+        _check_path(builder)
         if not body:
             builder.problem(path_line, f"missing face-count line after {image}")
             records.append(builder.build())
@@ -337,11 +352,17 @@ def read_label_file(label_file: PathLike) -> LabelFile:
     path = Path(label_file)
     name = str(path)
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        data = path.read_bytes()
     except FileNotFoundError:
         return LabelFile(path, "unknown", [], [Problem(name, 0, "label file not found")])
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         return LabelFile(path, "unknown", [], [Problem(name, 0, f"cannot read label file: {exc}")])
+    try:
+        lines = data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return LabelFile(path, "unknown", [], [Problem(
+            name, line, f"not UTF-8 text (byte 0x{data[exc.start]:02x}): save the label file as UTF-8")])
     layout = detect_format(lines)
     parse = _parse_retinaface if layout == "retinaface" else _parse_wider
     records, problems = parse(name, lines)
@@ -352,6 +373,7 @@ def read_label_file(label_file: PathLike) -> LabelFile:
 
 def resolve_image_path(label_file: PathLike, image: str, image_root: Optional[PathLike] = None) -> Path:
     """Where the image named on a label line lives (see the module docstring for the rule)."""
+    image = image.replace("\\", "/")  # a label file written on Windows
     if image_root is not None:
         return Path(image_root) / image
     label_dir = Path(label_file).parent
@@ -385,13 +407,6 @@ def image_problems(label_file: PathLike, record: LabelRecord, width: int, height
                              f"landmarks ({pts}) of face {k + 1} lie far outside the {width}x{height} image "
                              f"{record.image}"))
     return found
-
-
-def _read_image(path: Path) -> Optional[np.ndarray]:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None or image.size == 0:
-        return None
-    return image
 
 
 class WiderFaceDataset(Dataset):
@@ -454,10 +469,9 @@ class WiderFaceDataset(Dataset):
     def load(self, index: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Raw item: (BGR uint8 image, boxes (K, 4) pixels, landmarks (K, 10), labels (K,))."""
         record, path = self.records[index], self.image_paths[index]
-        image = _read_image(path)
+        image, why = read_image(path)  # as data.check decodes it: a cut JPEG/PNG is refused, not grey
         if image is None:
-            raise LabelFormatError(self.label_file, record.line,
-                                   f"cannot read image {path} (missing, empty or corrupt)")
+            raise LabelFormatError(self.label_file, record.line, f"cannot read image {path}: {why}")
         height, width = image.shape[:2]
         outside = image_problems(self.label_file, record, width, height)
         if outside:

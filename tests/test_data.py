@@ -672,3 +672,128 @@ def test_read_image_refuses_what_cv2_imread_would_return_grey(tmp_path):
     # cv2.imdecode refuses what cv2.imread returned grey-filled; the reason names the truncation.
     with pytest.raises(ExportError, match=r"cut.jpg: image cannot be decoded \(corrupt or not an image; JPEG is truncated"):
         load_image(tmp_path / "cut.jpg")
+
+
+# ---------------------------------------------------------------------------- real-world input
+def _coordinate_image(height: int, width: int) -> np.ndarray:
+    """uint16 image whose pixels hold their own (x, y), channel 2 = 1000 marks image (not padding)."""
+    image = np.empty((height, width, 3), np.uint16)
+    image[..., 0] = np.arange(width)[None, :]
+    image[..., 1] = np.arange(height)[:, None]
+    image[..., 2] = 1000
+    return image
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_train_transform_keeps_boxes_and_landmarks_on_their_pixels(seed, monkeypatch):
+    """Property: after crop, pad, flip and resize, every target's box and landmarks point at the
+    pixels they labelled in the original image, and a flip swaps the left/right landmark slots
+    (left eye stays image-left of the right eye). The geometry is read back from the output
+    pixels themselves, which hold their original coordinates."""
+    monkeypatch.setattr(augment, "INTERPOLATIONS", (cv2.INTER_NEAREST,))  # no blending of coordinates
+    rng = np.random.default_rng(seed)
+    height, width = (int(v) for v in rng.integers(40, 300, 2))
+    size = int(rng.choice([64, 128]))
+    faces = int(rng.integers(1, 6))
+    box_wh = rng.uniform(8, [width / 2, height / 2], (faces, 2))
+    corner = rng.uniform(-box_wh / 4, [width, height] - box_wh * 3 / 4)  # some poke over the border
+    boxes = np.concatenate([corner, corner + box_wh], axis=1).astype(np.float32)
+    shape = np.array([[0.3, 0.35], [0.7, 0.35], [0.5, 0.55], [0.35, 0.75], [0.65, 0.75]])  # le, re, n, lm, rm
+    landmarks = (corner[:, None] + shape[None] * box_wh[:, None]).reshape(faces, 10).astype(np.float32)
+
+    transform = TrainTransform(size, photometric=False, min_face_size=0)
+    tensor, target = transform.apply(_coordinate_image(height, width), boxes, landmarks, None,
+                                     np.random.default_rng(seed + 1000))
+    out = tensor.numpy().transpose(1, 2, 0) + np.float32(MEAN_BGR)
+    v, u = np.nonzero(np.abs(out[..., 2] - 1000) < 0.5)  # output pixels showing the image
+    xs, ys = out[v, u, 0], out[v, u, 1]
+    ax, bx = np.polyfit(u + 0.5, xs + 0.5, 1)  # original x = ax * output u + bx
+    ay, by = np.polyfit(v + 0.5, ys + 0.5, 1)
+    flipped = ax < 0
+    visible = np.float32([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])  # the crop, in original pixels
+    clipped = np.clip(boxes, 0, [width, height] * 2)
+    expected_boxes = np.clip(clipped, visible[:2].tolist() * 2, visible[2:].tolist() * 2)
+    expected_boxes = np.stack([(expected_boxes[:, 0] - bx) / ax, (expected_boxes[:, 1] - by) / ay,
+                               (expected_boxes[:, 2] - bx) / ax, (expected_boxes[:, 3] - by) / ay], 1) / size
+    points = landmarks.reshape(faces, 5, 2)
+    if flipped:
+        expected_boxes = expected_boxes[:, [2, 1, 0, 3]]
+        points = points[:, list(augment.LANDMARK_FLIP_ORDER)]
+    expected_points = np.stack([(points[..., 0] - bx) / ax, (points[..., 1] - by) / ay], -1).reshape(faces, 10) / size
+    tolerance = 2.5 / size  # nearest-neighbour resampling of integer coordinates
+    face = 0  # targets keep the label-file order of the faces they keep
+    for row in target:
+        while face < faces and not (np.abs(row[:4] - expected_boxes[face]).max() < tolerance
+                                    and np.abs(row[4:14] - expected_points[face]).max() < tolerance):
+            face += 1
+        assert face < faces, f"target {row} matches no labelled face (flipped={flipped})"
+        assert row[4] < row[6] and row[10] < row[12] and row[14] == 1  # left points stay image-left
+        face += 1
+
+
+def test_jpeg_with_data_after_its_end_is_not_truncated(tmp_path):
+    """Phones append data after a complete JPEG (motion photos: an MP4; MPF: a second JPEG): OpenCV
+    decodes the photo, and a scan for the last start-of-scan marker must not call it truncated."""
+    from data.preprocess import read_image
+    full = (REPO / "data" / "sample" / "images" / "group_8.jpg").read_bytes()
+    video = b"\x00\x00\x00\x18ftypmp42" + bytes(np.random.default_rng(0).integers(0, 256, 20000, np.uint8))
+    for name, tail in [("motion.jpg", video + b"\xff\xda\x00\x08 more"), ("mpf.jpg", full[:3000])]:
+        (tmp_path / name).write_bytes(full + tail)
+        image, why = read_image(tmp_path / name)
+        assert why == "" and image.shape == (768, 1024, 3), (name, why)
+    label = _write(tmp_path, "# motion.jpg\n10 10 40 40\n# mpf.jpg\n10 10 40 40\n")
+    assert check_dataset(label, tmp_path, use_cache=False).ok
+    # Cut inside the image data, or inside a header segment, it still is truncated.
+    for keep in (5000, 100):
+        (tmp_path / "cut.jpg").write_bytes(full[:keep])
+        assert "JPEG is truncated" in read_image(tmp_path / "cut.jpg")[1]
+
+
+def test_dataset_refuses_a_truncated_image_on_load(tmp_path):
+    # cv2.imread returns a cut JPEG grey-filled; the dataset must not train on it unnoticed.
+    full = (REPO / "data" / "sample" / "images" / "group_8.jpg").read_bytes()
+    label = _write(tmp_path, "# cut.jpg\n10 10 40 40\n")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "cut.jpg").write_bytes(full[:5000])
+    with pytest.raises(LabelFormatError, match=rf"{label}:1: .*JPEG is truncated"):
+        WiderFaceDataset(label)[0]
+
+
+def test_image_path_with_a_nul_byte_is_a_problem_not_a_crash(tmp_path):
+    # A damaged label file can hold NUL bytes; os.stat raises ValueError (not OSError) on them.
+    label = _write(tmp_path, "# a\x00b.jpg\n10 10 20 20\n# good.jpg\n10 10 20 20\n", ["good.jpg"])
+    report = check_dataset(label, use_cache=False)
+    assert [(p.line, p.face) for p in report.problems] == [(1, False)] and report.bad_samples == {0}
+    assert "\x00" not in str(report.problems[0]) and "NUL" in report.problems[0].message
+    result = _run_check(str(label))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    from data.preprocess import read_image
+    assert read_image("a\x00b.jpg")[0] is None
+
+
+def test_label_file_that_is_not_utf8_names_the_line(tmp_path):
+    label = tmp_path / "label.txt"
+    label.write_bytes("a/1.jpg\n1\n1 2 3 4 0 0 0 0 0 0\ncaf\xe9/2.jpg\n0\n".encode("latin-1"))
+    parsed = read_label_file(label)
+    assert [(p.line, p.face) for p in parsed.problems] == [(4, False)] and parsed.records == []
+    assert "not UTF-8" in parsed.problems[0].message and "0xe9" in parsed.problems[0].message
+    result = _run_check(str(label), "--labels_only")
+    assert result.returncode == 2 and f"{label}:4: " in result.stdout and "Traceback" not in result.stderr
+
+
+def test_check_refuses_a_missing_images_folder_in_one_line(tmp_path):
+    label = _write(tmp_path, "# a.jpg\n10 10 20 20\n# b.jpg\n10 10 20 20\n", ["a.jpg", "b.jpg"])
+    result = _run_check(str(label), "--images", str(tmp_path / "no_such_folder"))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"error: images folder {tmp_path / 'no_such_folder'} not found\n"
+
+
+def test_windows_path_separators_in_labels_find_the_images(tmp_path):
+    # Label files written on Windows name "0--Parade\\x.jpg"; on Linux "\\" would be part of the name.
+    label = _write(tmp_path, "# sub\\b.jpg\n10 10 20 20\n", ["sub/b.jpg"])
+    wider = tmp_path / "wider.txt"
+    wider.write_text("sub\\b.jpg\r\n1\r\n10 10 20 20 0 0 0 0 0 0 \r\n")
+    for path in (label, wider):
+        assert check_dataset(path, use_cache=False).ok, check_dataset(path, use_cache=False).problems
+        dataset = WiderFaceDataset(path)
+        assert dataset.image_paths == [tmp_path / "images" / "sub" / "b.jpg"] and dataset[0][1].shape == (1, 15)
