@@ -151,6 +151,24 @@ def usage_example():
     return module
 
 
+def test_example_judges_truncation_like_the_repository():
+    """The package's own JPEG/PNG check (it ships without data/preprocess.py) agrees with the
+    repository's: cut at many points, complete, and complete with data after the end marker."""
+    from data.preprocess import truncation_problem
+
+    example = usage_example()
+    full = GROUP.read_bytes()
+    png = (SAMPLE / "astronaut.png").read_bytes()
+    cases = [full[:n] for n in (3, 100, 700, 2000, 5000, 60000, len(full) - 2, len(full) - 1)]
+    cases += [full, full + full[:3000], full + b"\x00ftypmp42\xff\xda\x00\x08 tail", png, png[:len(png) // 2]]
+    for data in cases:
+        expected = truncation_problem(data) is not None
+        shipped = data[:2] == b"\xff\xd8" and not example.jpeg_has_end(data) or (
+            data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data)
+        assert shipped == expected, (len(data), expected)
+    assert not example.jpeg_has_end(full[:5000]) and example.jpeg_has_end(full + full[:3000])
+
+
 def run_example(*argv) -> str:
     """The example's exit message (its errors are `error: ...` and exit status 1)."""
     example = usage_example()

@@ -11,6 +11,7 @@ image is letterboxed into it and the faces are mapped back to the image's pixels
 """
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -67,6 +68,27 @@ def check_output(path, flag, source, image=False):
         raise SystemExit(f"error: {flag} {path}: OpenCV cannot write this image type; use .jpg or .png")
 
 
+JPEG_MARKER = re.compile(b"\xff[^\x00\xd0-\xd7\xff]")  # not a stuffed 00, a restart code or a fill byte
+
+
+def jpeg_has_end(data):
+    """True when the JPEG's own end marker (FF D9) follows its image data: segments are skipped by
+    their length (an EXIF thumbnail has its own end marker), scan data up to the next marker; bytes
+    after the end marker (a motion photo's video) are not looked at (as data/preprocess.py does)."""
+    pos = 2
+    while True:
+        found = JPEG_MARKER.search(data, pos)
+        if found is None:
+            return False
+        code, pos = data[found.start() + 1], found.end()
+        if code == 0xD9:
+            return True
+        if code not in (0x01, 0xD8):  # markers with a length field
+            if pos + 2 > len(data):
+                return False
+            pos += int.from_bytes(data[pos:pos + 2], "big")
+
+
 def read_image(path):
     """The image as OpenCV decodes it; exits with an error for a missing or undecodable file and for a
     JPEG or PNG cut short, which OpenCV would return with grey in place of the missing part."""
@@ -74,7 +96,7 @@ def read_image(path):
         data = Path(path).read_bytes()
     except OSError as exc:
         raise SystemExit(f"error: cannot read {path}: {exc.strerror or exc}")
-    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < max(data.rfind(b"\xff\xda"), 0):
+    if data[:2] == b"\xff\xd8" and not jpeg_has_end(data):
         raise SystemExit(f"error: {path}: JPEG is truncated (no end-of-image marker after the image data)")
     if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data:
         raise SystemExit(f"error: {path}: PNG is truncated (no IEND chunk)")
