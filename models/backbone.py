@@ -1,8 +1,9 @@
 """MobileNetV1 x0.25 ("mobilenet0.25"), stages 1-3, as RetinaFace and FeatherFace use it.
 
-Spec section 2.1: 213,072 parameters; outputs C3/C4/C5 with 64/128/256 channels at strides
-8/16/32. Module indices match the commonly distributed ImageNet checkpoint
-(`module.stage1.0.0.weight`, ...), so its weights load by name (`utils.checkpoint.load_pretrained_backbone`).
+docs/ARCHITECTURE.md §2.1: 213,072 parameters (stages 10,128 / 99,392 / 103,552); outputs
+C3/C4/C5 with 64/128/256 channels at strides 8/16/32. Module indices match the commonly
+distributed ImageNet checkpoint (`module.stage1.0.0.weight`, ...), so its weights load by name
+(`utils.checkpoint.load_pretrained_backbone`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from models.folding import ConvBNSequential
 
 
 def conv_bn(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
+    """3x3 conv (no bias) + BN + LeakyReLU(0.1): the stem."""
     return ConvBNSequential(
         nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False),
         nn.BatchNorm2d(out_ch),

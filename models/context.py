@@ -110,7 +110,8 @@ class _ThreeBranchContext(nn.Module):
 class SSH(_ThreeBranchContext):
     """V1 SSH (§2.4): three receptive fields from stacked deformable 3x3 convs.
 
-    forward (B, C, H, W) -> (B, C, H, W) = ReLU(concat[C/2, C/4, C/4]).
+    forward (B, C, H, W) -> (B, C, H, W) = ReLU(concat[C/2, C/4, C/4]). Parameters per level:
+    57,855 at C=52, 77,655 at C=64, 21,105 at C=24.
     """
 
     def __init__(self, channels: int) -> None:
@@ -149,12 +150,12 @@ def deform_branches(branches: Sequence[nn.Sequential], x: torch.Tensor) -> List[
         biases.append(folded[1])
         rests.append(rest)
     first = dcns[0]
-    outs = deform_conv2d_siblings(x, offsets, masks, weights, biases, first.stride, first.padding, backend=first.backend)
+    outs = deform_conv2d_siblings(x, offsets, masks, weights, biases, first.stride, first.padding,
+                                  backend=[dcn.backend for dcn in dcns])
     for i, rest in enumerate(rests):
         for layer in rest:
             outs[i] = layer(outs[i])
     return outs
-
 
 
 def _grouped_conv_bn(in_ch: int, out_ch: int, groups: int, act: bool) -> list:

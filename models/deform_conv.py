@@ -1,10 +1,27 @@
-"""Modulated deformable convolution (DCNv2) as used in FeatherFace V1's SSH, with a fast CPU path.
+"""Modulated deformable convolution (DCNv2) as used in FeatherFace V1's SSH (docs/ARCHITECTURE.md §2.4).
 
-`DeformableConv2d` keeps the official FeatherFace checkpoint keys (`offset_conv`,
-`modulator_conv`, `regular_conv`). Its forward dispatches between
-`torchvision.ops.deform_conv2d` (CUDA, other dtypes, export tracing, compiled training) and
-`deform_conv2d_fast`, a pure-PyTorch CPU implementation with a hand-written backward that
-reproduces torchvision's sampling rules (docs/ARCHITECTURE.md §2.4) several times faster.
+`DeformableConv2d` keeps the official FeatherFace checkpoint keys (`offset_conv`, `modulator_conv`,
+`regular_conv`): offsets and mask come from two plain convs, then `deform_conv2d` samples the
+input bilinearly at the shifted tap positions and mixes the samples with `regular_conv`'s weight.
+Every path computes torchvision's `deform_conv2d` (groups = offset groups = 1):
+
+1. torchvision's op (`torchvision.ops.deform_conv2d`): tensors off the CPU (CUDA),
+   `backend="torchvision"`, every export or trace (the ONNX exporter maps it to the standard
+   DeformConv node) and compiled training.
+2. `_DeformConv2dFast`, pure PyTorch with a hand-written backward: floating-point CPU tensors (any
+   device with `backend="fast"`) while autograd records, i.e. training.
+3. `_deform_conv2d_inference`, the same sampling without autograd, each bilinear blend one fused
+   `F.embedding_bag` call; sibling layers that read one input share one sampling plan
+   (`deform_conv2d_siblings`).
+
+`deform_conv2d` / `_uses_fast` choose between path 1 and the fast paths (half and bfloat16 are
+computed in float32 there); `deform_conv2d_fast` chooses between 2 and 3. Paths 2 and 3 share the
+sampling rules: `_sampling_plan` turns the offsets into four corner rows and blend weights per
+(location, tap), rows of `_bordered_table` (the input channels-last, with a zero border so that
+samples outside the image read zeros, torchvision's rule). `deform_backend()` forces a backend for
+a block of code. tests/test_deform_conv.py checks the values and gradients of paths 2 and 3
+against torchvision's. The sections below follow that order: backend selection, public functions,
+argument checks, sampling plan, path 3, path 2, the module.
 """
 from __future__ import annotations
 
@@ -38,6 +55,10 @@ _CHUNK_ELEMENTS = 2**19
 BORDER = 2
 
 
+# ---------------------------------------------------------------------------------------------
+# Argument helpers and backend selection
+
+
 def _pair(v: IntPair, name: str) -> Tuple[int, int]:
     if isinstance(v, int):
         return v, v
@@ -50,6 +71,11 @@ def _check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown deformable-conv backend {name!r}; choose one of {BACKENDS}")
     return name
+
+
+def _resolve_backend(backend: str) -> str:
+    """The backend a call runs: the one forced by `deform_backend()`, else the caller's."""
+    return _check_backend(_forced_backend if _forced_backend is not None else backend)
 
 
 def get_deform_backend() -> Optional[str]:
@@ -81,6 +107,9 @@ def _is_exporting() -> bool:
 
 
 def _uses_fast(backend: str, x: Tensor) -> bool:
+    """True for the pure-PyTorch paths, False for torchvision's op. Exports and compiled training
+    always get torchvision's op; otherwise "fast" and "torchvision" are obeyed and "auto" takes
+    the fast paths for floating-point tensors on the CPU (torchvision elsewhere, e.g. CUDA)."""
     if _is_exporting() or backend == "torchvision":
         return False
     if torch.compiler.is_compiling() and torch.is_grad_enabled():
@@ -89,6 +118,10 @@ def _uses_fast(backend: str, x: Tensor) -> bool:
         # tensor ops, which inductor fuses.
         return False
     return backend == "fast" or (x.device.type == "cpu" and x.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions: dispatch to torchvision's op (path 1) or the fast paths (2, 3)
 
 
 def deform_conv2d(
@@ -102,10 +135,11 @@ def deform_conv2d(
     mask: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
-    """torchvision.ops.deform_conv2d with backend dispatch (`deform_backend()` wins)."""
-    chosen = _check_backend(_forced_backend if _forced_backend is not None else backend)
-    if _uses_fast(chosen, input):
-        if input.dtype in (torch.float32, torch.float64):
+    """torchvision.ops.deform_conv2d (same arguments, groups = 1) on the path `_uses_fast` picks
+    for `backend` ("auto", "torchvision" or "fast"; `deform_backend()` wins over it)."""
+    if _uses_fast(_resolve_backend(backend), input):
+        if input.dtype in (torch.float32, torch.float64) or not input.is_floating_point():
+            # (non-floating tensors reach deform_conv2d_fast's dtype check, a ValueError)
             return deform_conv2d_fast(input, offset, weight, bias, stride, padding, dilation, mask)
         # torchvision has no CPU kernel for half/bfloat16, and sample positions need float32
         # precision anyway (bfloat16 cannot even represent x = 257.5).
@@ -127,32 +161,36 @@ def deform_conv2d_siblings(
     stride: IntPair = 1,
     padding: IntPair = 0,
     dilation: IntPair = 1,
-    backend: str = "auto",
+    backend: Union[str, Sequence[str]] = "auto",
 ) -> List[Tensor]:
     """`deform_conv2d` of G sibling layers that read the same input with one geometry: offset
     (B, 2KG, Ho, Wo) and mask (B, KG, Ho, Wo) hold layer g's at channels 2Kg..2K(g+1)-1 and
-    Kg..K(g+1)-1 (as `shared_coordinates` returns them); one output per weight.
+    Kg..K(g+1)-1 (as `shared_coordinates` returns them); one output per weight. `backend` is one
+    for all layers or one per layer.
 
-    Without autograd on the fast CPU path the layers share one sampling plan and table
-    (`_deform_conv2d_inference`); otherwise (training, CUDA, export) each layer runs on its own.
+    Without autograd, when every layer takes the fast path (CPU), the layers share one sampling
+    plan and table (`_deform_conv2d_inference`); otherwise (training, CUDA, export, a layer set to
+    torchvision) each layer runs on its own through `deform_conv2d`.
     """
+    backends = [backend] * len(weights) if isinstance(backend, str) else list(backend)
     taps = weights[0].shape[2] * weights[0].shape[3]
     if (any(w.shape[1:] != weights[0].shape[1:] for w in weights) or len(biases) != len(weights)
+            or len(backends) != len(weights)
             or offset.shape[1] != 2 * taps * len(weights) or mask.shape[1] != taps * len(weights)):
-        raise ValueError(f"deform_conv2d_siblings needs weights of one shape (Cin, kh, kw), one bias each, "
-                         f"{2 * taps} offset and {taps} mask channels per layer; got weights "
-                         f"{[tuple(w.shape) for w in weights]}, offset {tuple(offset.shape)}, mask {tuple(mask.shape)}")
-    chosen = _check_backend(_forced_backend if _forced_backend is not None else backend)
+        raise ValueError(f"deform_conv2d_siblings needs weights of one shape (Cin, kh, kw), one bias and backend "
+                         f"each, {2 * taps} offset and {taps} mask channels per layer; got weights "
+                         f"{[tuple(w.shape) for w in weights]}, {len(biases)} biases, {len(backends)} backends, "
+                         f"offset {tuple(offset.shape)}, mask {tuple(mask.shape)}")
     params = [input, offset, mask, *weights, *[b for b in biases if b is not None]]
-    if (len(weights) > 1 and input.shape[0] > 0 and _uses_fast(chosen, input)
+    if (len(weights) > 1 and input.shape[0] > 0 and all(_uses_fast(_resolve_backend(b), input) for b in backends)
             and input.dtype in (torch.float32, torch.float64) and all(t.dtype == input.dtype for t in params)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in params))):
         geometry = _fast_geometry(input, offset[:, :2 * taps], weights[0], biases[0], stride, padding, dilation,
                                   mask[:, :taps])  # the checks of one layer hold for all (same shapes)
         return _deform_conv2d_inference(input, offset, mask, list(weights), list(biases), *geometry)
-    layers = zip(offset.split(2 * taps, 1), mask.split(taps, 1), weights, biases)
-    return [deform_conv2d(input, layer_offset, weight, bias, stride, padding, dilation, layer_mask, backend)
-            for layer_offset, layer_mask, weight, bias in layers]
+    layers = zip(offset.split(2 * taps, 1), mask.split(taps, 1), weights, biases, backends)
+    return [deform_conv2d(input, layer_offset, weight, bias, stride, padding, dilation, layer_mask, layer_backend)
+            for layer_offset, layer_mask, weight, bias, layer_backend in layers]
 
 
 def deform_conv2d_fast(
@@ -165,7 +203,8 @@ def deform_conv2d_fast(
     dilation: IntPair = 1,
     mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """Drop-in for torchvision.ops.deform_conv2d (groups = offset groups = 1), differentiable.
+    """Drop-in for torchvision.ops.deform_conv2d (groups = offset groups = 1), differentiable:
+    path 2 (`_DeformConv2dFast`) when autograd records, else path 3 (`_deform_conv2d_inference`).
 
     input (B, Cin, H, W), offset (B, 2*kh*kw, Ho, Wo) as (dy, dx) per tap in row-major tap
     order, weight (Cout, Cin, kh, kw), mask (B, kh*kw, Ho, Wo) or None; returns (B, Cout, Ho, Wo).
@@ -181,6 +220,10 @@ def deform_conv2d_fast(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, offset, mask, weight, bias)):
         return _DeformConv2dFast.apply(input, offset, mask, weight, bias, *geometry)
     return _deform_conv2d_inference(input, offset, mask, [weight], [bias], *geometry)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks of the fast paths
 
 
 def _fast_geometry(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor], stride: IntPair,
@@ -225,6 +268,18 @@ def _fast_geometry(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional
             f"{[str(t.dtype) for t in (input, *others)]}"
         )
     return (kh, kw), (sh, sw), (ph, pw), (dh, dw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampling plan, shared by the two fast paths (2: autograd, 3: no-grad)
+
+
+def _bordered_table(x: Tensor) -> Tensor:
+    """(B*(H+2*BORDER)*(W+2*BORDER), C) channels-last copy of x with a zero border."""
+    b, c, h, w = x.shape
+    table = x.new_zeros(b, h + 2 * BORDER, w + 2 * BORDER, c)
+    table[:, BORDER:-BORDER, BORDER:-BORDER] = x.permute(0, 2, 3, 1)
+    return table.view(-1, c)
 
 
 @functools.lru_cache(maxsize=64)
@@ -311,6 +366,10 @@ def _sampling_plan(
     return rows.reshape(n, taps, 4), weights.reshape(n, taps, 4), fy.reshape(n, taps), fx.reshape(n, taps)
 
 
+# ---------------------------------------------------------------------------------------------
+# Path 3: forward without autograd, bilinear blends as embedding_bag
+
+
 def _deform_conv2d_inference(
     x: Tensor,
     offset: Tensor,
@@ -373,12 +432,8 @@ def _deform_conv2d_inference(
     return outs
 
 
-def _bordered_table(x: Tensor) -> Tensor:
-    """(B*(H+2*BORDER)*(W+2*BORDER), C) channels-last copy of x with a zero border."""
-    b, c, h, w = x.shape
-    table = x.new_zeros(b, h + 2 * BORDER, w + 2 * BORDER, c)
-    table[:, BORDER:-BORDER, BORDER:-BORDER] = x.permute(0, 2, 3, 1)
-    return table.view(-1, c)
+# ---------------------------------------------------------------------------------------------
+# Path 2: autograd (`_DeformConv2dFast`), gathers + matrix multiplies in cache-sized tap chunks
 
 
 def _project_first(rows: int, n: int, cin: int, cout: int) -> bool:
@@ -606,6 +661,10 @@ class _DeformConv2dFast(torch.autograd.Function):
         if need_bias and has_bias:
             g_bias = g.sum(0)
         return g_x, g_offset, g_mask, g_weight, g_bias, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The module and its offset / mask convs
 
 
 class DeformableConv2d(nn.Module):

@@ -6,7 +6,7 @@ class/box/landmark heads.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,8 @@ class FeatherFace(nn.Module):
 
     forward(x (B, 3, H, W), BGR minus mean) -> (bbox_regressions (B, N, 4),
     classifications (B, N, 2), landmarks (B, N, 10)), N = A * sum_s ceil(H/s) * ceil(W/s).
-    Classifications are logits in training mode and softmax scores in eval mode.
+    Classifications are logits in training mode and softmax scores in eval mode. Any H, W >= 1
+    and B >= 0 work; other ranks, channel counts or integer input are a ValueError (`check_input`).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -39,6 +40,8 @@ class FeatherFace(nn.Module):
         c, levels = config.out_channels, config.backbone_channels
         self.body = MobileNetV1()
         if config.arch == "v1":
+            if not config.deformable:
+                raise ValueError("V1 models use deformable SSH; set arch='v2' for the plain-conv student")
             self.backbone_cbam = (
                 nn.ModuleList(CBAM(ch, config.cbam_reduction) for ch in levels) if config.backbone_cbam else None
             )
@@ -46,8 +49,6 @@ class FeatherFace(nn.Module):
             self.bifpn_cbam = (
                 nn.ModuleList(CBAM(c, config.cbam_reduction) for _ in levels) if config.post_bifpn_cbam else None
             )
-            if not config.deformable:
-                raise ValueError("V1 models use deformable SSH; set arch='v2' for the plain-conv student")
             self.ssh = nn.ModuleList(SSH(c) for _ in levels)
             if config.shuffle == "conv":
                 self.shuffle = nn.ModuleList(conv_shuffle_block(c, config.shuffle_order) for _ in levels)
@@ -86,6 +87,7 @@ class FeatherFace(nn.Module):
         return [shuffle(ssh(f)) for ssh, shuffle, f in zip(self.ssh, self.shuffle, feats)]
 
     def forward(self, x: torch.Tensor) -> Outputs:
+        check_input(x)
         if not self.training and x.device.type == "cpu" and not torch.onnx.is_in_onnx_export():
             # Inference on the CPU runs channels-last: oneDNN's convolutions and the pools then
             # skip a layout conversion per layer (about 25 % of v1's eager time at 640x640).
@@ -98,9 +100,10 @@ class FeatherFace(nn.Module):
             cls = F.softmax(cls, dim=-1)
         return bbox, cls, ldm
 
-    def module_groups(self) -> Dict[str, nn.Module]:
-        """The named parts used by parameter tables (validate_parameters.py)."""
-        groups = {
+    def module_groups(self) -> Dict[str, Optional[nn.Module]]:
+        """The named parts used by parameter tables (validate_parameters.py); None for a part the
+        model does not have (v1_slim's post-BiFPN CBAM)."""
+        return {
             "backbone": self.body,
             "backbone_cbam": self.backbone_cbam,
             "bifpn": self.bifpn,
@@ -109,10 +112,19 @@ class FeatherFace(nn.Module):
             "channel_shuffle": self.shuffle,
             "heads": nn.ModuleList([self.bbox_head, self.class_head, self.landmark_head]),
         }
-        return {k: v for k, v in groups.items()}
+
+
+def check_input(x: torch.Tensor) -> None:
+    """Raise a ValueError unless x is a floating-point (B, 3, H, W) batch (docs/ARCHITECTURE.md
+    §1.1). Only static facts are tested (rank, channels, dtype), so exports keep B, H, W dynamic."""
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"FeatherFace expects a (B, 3, H, W) BGR batch, got a tensor of shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"FeatherFace expects a floating-point batch (BGR minus the channel means), got {x.dtype}")
 
 
 def count_parameters(module: nn.Module | None) -> int:
+    """Number of parameter values (BN running statistics excluded); 0 for an absent part."""
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 

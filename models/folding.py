@@ -4,12 +4,16 @@ In eval mode a BatchNorm2d is the per-channel affine map bn(y) = y * s + t with
 s = gamma / sqrt(running_var + eps) and t = beta - running_mean * s, so conv -> BN equals one
 conv with weight W * s and bias b * s + t. Two users:
 
-- `ConvBNSequential` / `conv_bn_forward`: an eval-mode model folds on every call (a few tiny ops
-  on the weights, nothing cached, so it always reflects the current parameters) and skips the
-  BN pass over the feature map: on the CPU in channels-last that pass is slow for narrow maps
-  (the 16-channel 320x320 map of the backbone alone costs about 2 ms at 640x640). Training
-  mode, BNs without running statistics, maps too small for the fold to pay (`FOLD_MIN_VALUES`)
-  and ONNX export take the ordinary conv -> BN path.
+- the model itself: `ConvBNSequential` (every conv -> BN pair of a Sequential), `conv_bn_forward`
+  (a named conv and BN: CBAM's spatial gate, the BiFPN's separable convs) and `folded_parameters`
+  (the SSH's sibling deformable convs, models/context.py). An eval-mode BN is folded on every call
+  (a few tiny ops on the weights, nothing cached, so it always reflects the current parameters),
+  which skips the BN pass over the feature map: on the CPU in channels-last that pass is slow for
+  narrow maps (the 16-channel 320x320 map of the backbone alone costs about 2 ms at 640x640). The
+  BN's own mode decides: a frozen (eval-mode) BN inside a training model folds too, and gradients
+  flow through the fold to the conv, gamma and beta as through the BN. BNs in training mode or
+  without running statistics, maps too small for the fold to pay (`FOLD_MIN_VALUES`) and ONNX
+  export take the ordinary conv -> BN path. Equal to conv -> BN up to float rounding.
 - utils/deploy/fuse.py: the deployment form folds once, in float64, and drops the BN.
 """
 from __future__ import annotations

@@ -354,6 +354,32 @@ def test_backend_selection(spies, monkeypatch):
     assert spies[-1] == "torchvision"
 
 
+def test_forced_fast_backend_refuses_integer_tensors():
+    """The upcast to float32 is for half/bfloat16 only: integer tensors are an error on every path
+    (torchvision has no integer kernel either), not a result truncated back to integers."""
+    x, offset, weight = (torch.ones(*shape, dtype=torch.int64) for shape in ((1, 2, 3, 3), (1, 18, 3, 3), (1, 2, 3, 3)))
+    with pytest.raises(ValueError, match="floating-point"):
+        deform_conv2d(x, offset, weight, padding=1, backend="fast")
+
+
+def test_ssh_siblings_honour_each_layer_backend(spies):
+    """A backend set on one SSH layer applies to that layer, also when it shares its input with a
+    sibling (`deform_branches`), and the output is unchanged."""
+    from models.context import SSH
+    from tests.conftest import randomise
+
+    torch.manual_seed(0)
+    ssh = randomise(SSH(16)).eval()
+    x = torch.randn(1, 16, 9, 7)
+    with torch.no_grad():
+        ref = ssh(x)
+        ssh.conv5x5_1[0].backend = "torchvision"  # the second layer of the first sibling pair
+        spies.clear()
+        out = ssh(x)
+    assert spies.count("torchvision") == 1
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_inputs_raise_clear_errors():
     x = torch.randn(1, 4, 5, 5)
     offset = torch.zeros(1, 18, 5, 5)

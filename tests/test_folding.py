@@ -69,6 +69,29 @@ def test_gradients_flow_through_the_fold_like_through_the_batch_norm():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_frozen_batch_norm_in_a_training_model_folds_exactly():
+    """Fine-tuning with frozen BNs (BN in eval mode, its affine not trained, the rest training):
+    the fold is used and gives the outputs and gradients of conv -> BN (float64: exact)."""
+    seq = randomise(ConvBNSequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()), seed=3)
+    seq.double().train()
+    seq[1].eval().requires_grad_(False)
+    x = torch.randn(2, 3, 96, 96, dtype=torch.float64, requires_grad=True)
+    assert folding.folds_at_call(seq[1], x)
+    stats = seq[1].running_mean.clone(), seq[1].running_var.clone()
+    folded = seq(x)
+    folded.square().sum().backward()
+    grads = [x.grad.clone(), seq[0].weight.grad.clone(), seq[0].bias.grad.clone()]
+    x.grad = None
+    seq.zero_grad()
+    plain = seq[2](seq[1](seq[0](x)))
+    plain.square().sum().backward()
+    torch.testing.assert_close(folded, plain, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, [x.grad, seq[0].weight.grad, seq[0].bias.grad]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert seq[1].weight.grad is None  # frozen: no gradient, statistics untouched
+    assert seq[1].running_mean.equal(stats[0]) and seq[1].running_var.equal(stats[1])
+
+
 def test_deformable_conv_takes_the_folded_weights():
     torch.manual_seed(0)
     dcn, bn = DeformableConv2d(6, 4), nn.BatchNorm2d(4)

@@ -63,6 +63,41 @@ def test_output_shapes_and_scores(models, name, batch, h, w):
     torch.testing.assert_close(cls.sum(-1), torch.ones(batch, n))
 
 
+@pytest.mark.parametrize("name", ["v1", "v2"])
+@pytest.mark.parametrize("h,w", [(1, 1), (31, 31), (17, 40)])
+def test_images_smaller_than_the_coarsest_stride(models, name, h, w):
+    """Any side >= 1 works: every stride-2 layer maps n to ceil(n/2), down to 1x1 maps."""
+    with torch.inference_mode():
+        bbox, cls, ldm = models[name](torch.randn(1, 3, h, w) * 50)
+    assert bbox.shape == (1, num_anchors(h, w), 4) and torch.isfinite(bbox).all()
+
+
+@pytest.mark.parametrize("name", ["v1", "v2"])
+@pytest.mark.parametrize("train", [False, True])
+def test_empty_batch_gives_empty_outputs(name, train):
+    """B = 0 (e.g. the last chunk of a filtered batch) gives (0, N, k) outputs, not a reshape error."""
+    model = build_model(name).train(train)
+    bbox, cls, ldm = model(torch.randn(0, 3, 64, 48))
+    n = num_anchors(64, 48)
+    assert bbox.shape == (0, n, 4) and cls.shape == (0, n, 2) and ldm.shape == (0, n, 10)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (torch.randn(3, 64, 64), r"\(B, 3, H, W\).*\(3, 64, 64\)"),  # unbatched image
+    (torch.randn(1, 64, 64, 3), r"\(B, 3, H, W\).*\(1, 64, 64, 3\)"),  # NHWC
+    (torch.randn(1, 4, 64, 64), r"\(B, 3, H, W\).*\(1, 4, 64, 64\)"),  # BGRA
+    (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), "floating-point.*uint8"),  # raw pixels
+])
+@pytest.mark.parametrize("train", [False, True])
+def test_wrong_input_is_a_clear_error(models, bad, message, train):
+    model = models["v2"]
+    try:
+        with pytest.raises(ValueError, match=message):
+            model.train(train)(bad)
+    finally:
+        model.eval()
+
+
 @pytest.mark.parametrize("order", ["standard", "official"])
 @pytest.mark.parametrize("groups,shape", [(2, (2, 52, 7, 9)), (4, (1, 32, 5, 4)), (2, (1, 24, 1, 3))])
 def test_channel_shuffle_keeps_channels_last_and_values(order, groups, shape):
