@@ -115,6 +115,17 @@ def test_list_images(tmp_path):
         list_images(tmp_path)
 
 
+def test_list_images_skips_hidden_files(tmp_path):
+    # Copies made on macOS carry AppleDouble files (._name.jpg) and .DS_Store; notebooks leave
+    # .ipynb_checkpoints: none of them is a WIDER image.
+    (tmp_path / "0--Ev").mkdir()
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    for rel in ("0--Ev/a.jpg", "0--Ev/._a.jpg", "0--Ev/.DS_Store", ".DS_Store", "._c.jpg",
+                ".ipynb_checkpoints/b.jpg"):
+        (tmp_path / rel).write_bytes(b"")
+    assert list_images(tmp_path) == ["0--Ev/a.jpg"]
+
+
 # ------------------------------------------------------------------------------------ TTA
 
 
@@ -170,6 +181,23 @@ def test_multiscale_tta_scales_are_factors_on_the_base_scale():
     assert detector.scales == [0.5, 0.5, 1.0, 1.0]  # (plain, flipped) per factor
     with pytest.raises(FeatherFaceError, match="positive"):
         detect_with_tta(detector, image, scales=[0.0])
+
+
+def test_flip_tta_works_for_a_fixed_size_detector():
+    # A --static_size export letterboxes every image into one size: the flip pass is one more
+    # letterboxed image (allowed), another scale is not (refused with a message saying why).
+    from utils.inference.detector import FaceDetector
+
+    torch.manual_seed(0)
+    detector = FaceDetector(build_model("v2"), conf=0.02, fixed_size=(96, 96))
+    image = cv2.resize(cv2.imread(str(SAMPLE_IMAGES / "group_8.jpg")), (101, 75))  # odd width and height
+    expected = merge_detections([detector.detect_array(image),
+                                 mirror_detections(detector.detect_array(cv2.flip(image, 1)), 101)],
+                                detector.nms, detector.keep_top_k, detector.postprocess.pixel_inclusive_nms)
+    assert len(expected) > 0
+    np.testing.assert_array_equal(detect_with_tta(detector, image, flip=True), expected)
+    with pytest.raises(FeatherFaceError, match="multi-scale TTA .* fixed input size 96x96"):
+        detect_with_tta(detector, image, flip=True, scales=[1.0, 0.5])
 
 
 def test_merge_detections():
@@ -356,6 +384,25 @@ def test_images_sharing_a_prediction_file_are_refused(made_up, tmp_path, capsys)
     assert not (tmp_path / "pred").exists()
     assert list_images(images) == ["1--Ev/x.jpg", "1--Ev/x.png"]
     assert "1 image(s) in sub-folders of an event are not predicted" in capsys.readouterr().out
+
+
+def test_listed_images_stored_with_another_extension_are_found(made_up, tmp_path):
+    # An image list of the official .jpg names (Windows line endings, './' prefixes) over a folder
+    # whose copies are .PNG / .JPG: the one same-named image of the event is predicted.
+    images = tmp_path / "images"
+    (images / "1--Ev").mkdir(parents=True)
+    shutil.copy(SAMPLE_IMAGES / "astronaut.png", images / "1--Ev" / "a.PNG")
+    shutil.copy(SAMPLE_IMAGES / "group_8.jpg", images / "1--Ev" / "b.JPG")
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"1--Ev/a.jpg\r\n./1--Ev/b.jpg\r\n1--Ev/missing.jpg\r\n")
+    args = made_up_args(made_up, tmp_path / "pred", "--image_list", listing)
+    args[args.index("--dataset_folder") + 1] = images
+    results, _ = run_main(test_widerface, args)
+    assert results["prediction"]["written"] == 2 and results["prediction"]["unreadable"] == ["1--Ev/missing.jpg"]
+    assert prediction_files(tmp_path / "pred") == ["1--Ev/a.txt", "1--Ev/b.txt"]
+    detector = published_protocol_detector(made_up[1], image_size=160)
+    assert_same_predictions(read_prediction_file(tmp_path / "pred" / "1--Ev" / "b.txt"),
+                            to_xywh_score(detector.detect_array(cv2.imread(str(SAMPLE_IMAGES / "group_8.jpg")))))
 
 
 def test_bad_sizes_and_scales_stop_before_the_model_loads(made_up, tmp_path, capsys):
@@ -573,6 +620,14 @@ def test_comparison_table_and_json(tmp_path):
     assert by_name["v1"]["parameters"] == 488_664 and by_name["v2"]["parameters"] == 256_156
     assert by_name["v1"]["gflops"] > by_name["v2"]["gflops"] > 0
     assert all(row["cpu_ms"] > 0 for row in saved["models"])
+
+
+def test_comparison_table_shows_an_undefined_ap_as_na():
+    # A subset without an easy face has easy AP None (n/a): the table prints it instead of failing.
+    row = {"model": "a", "config": "v1", "parameters": 1, "gflops": 1.0, "cpu_ms": 2.0,
+           "easy": None, "medium": 0.5, "hard": 0.25}
+    table = test_v1_v2_comparison.markdown_table([row], 640, 1)
+    assert table.splitlines()[-1] == "| a | v1 | 1 | 1.000 | 2.0 | n/a | 0.5000 | 0.2500 |"
 
 
 def test_comparison_with_aps_reuses_widerface_run(tmp_path):

@@ -331,6 +331,43 @@ def test_malformed_prediction_file_names_file_and_line(tmp_path, text, where):
         read_prediction_file(path)
 
 
+def test_prediction_files_of_other_tools(tmp_path):
+    # Blank lines between box lines (MATLAB's reader skips them) and a name line that is not
+    # UTF-8 (a Windows tool's code page; the name is never used) still parse.
+    path = tmp_path / "other.txt"
+    path.write_text("img\n2\n1 2 3 4 0.9\n\n5 6 7 8 0.8\n")
+    assert read_prediction_file(path).tolist() == [[1, 2, 3, 4, 0.9], [5, 6, 7, 8, 0.8]]
+    path.write_bytes(b"caf\xe9 photo\n1\n1 2 3 4 0.5\n")
+    assert read_prediction_file(path).tolist() == [[1, 2, 3, 4, 0.5]]
+    path.write_text("img\n2\n1 2 3 4 0.9\n\n")  # blank lines are not boxes: the count still disagrees
+    with pytest.raises(WiderFaceEvalError, match="announces 2 boxes but 1 box lines follow"):
+        read_prediction_file(path)
+
+
+def test_interrupted_write_leaves_no_partial_prediction_file(tmp_path, monkeypatch):
+    # A run killed while writing must not leave a file cut short: one whose last score lost
+    # digits still parses, and a resumed run would keep it.
+    path = tmp_path / "0--Ev" / "img.txt"
+    write_prediction_file(path, "img", np.array([[1, 2, 3, 4, 0.5]]))
+    before = path.read_bytes()
+
+    def killed_half_way(self, data, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_half_way)
+    boxes = np.array([[10, 20, 30, 40, 0.987654321], [11, 21, 31, 41, 0.876543219]])
+    for target, expected in ((path, before), (tmp_path / "0--Ev" / "new.txt", None)):
+        with pytest.raises(KeyboardInterrupt):
+            write_prediction_file(target, target.stem, boxes)
+        assert (target.read_bytes() if target.exists() else None) == expected
+    assert sorted(p.name for p in path.parent.iterdir()) == ["img.txt"]  # no temporary file left behind
+    monkeypatch.undo()
+    write_prediction_file(path, "img", boxes)
+    assert np.array_equal(read_prediction_file(path), boxes)
+
+
 def test_evaluate_folder_equals_in_memory_and_missing_files(tmp_path):
     rng = np.random.default_rng(3)
     images = random_gt_images(rng)
@@ -393,6 +430,32 @@ def test_image_list_restricts_the_ground_truth(tmp_path, capsys):
     listing.write_text("0--Ev/a.jpg\njust_a_name.jpg\n")
     with pytest.raises(WiderFaceEvalError, match=r"list\.txt:2: expected 'event/name\.jpg'"):
         read_image_list(listing)
+
+
+def test_image_lists_from_other_tools(tmp_path):
+    # Windows line endings, a UTF-8 byte-order mark (Notepad) and './' prefixes (find . -name) are
+    # the same images as plain 'event/name.jpg' lines.
+    gt_dir = write_gt(tmp_path / "gt", [("0--Ev", "a", [A], [1]), ("1--Ev", "c.d", [B], [1])])
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("\ufeff./0--Ev/a.jpg\r\n.//1--Ev/c.d.jpg\r\n\r\n".encode("utf-8"))
+    assert read_image_list(listing) == ["0--Ev/a.jpg", "1--Ev/c.d.jpg"]
+    pred = tmp_path / "pred"
+    write_prediction_file(pred / "0--Ev" / "a.txt", "a", np.array([A + [0.9]]))
+    write_prediction_file(pred / "1--Ev" / "c.d.txt", "c.d", np.array([B + [0.8]]))
+    assert all_aps(evaluate(pred, gt_dir, images=read_image_list(listing))) == pytest.approx([1.0] * 3)
+    for bad in ("../0--Ev/a.jpg", "../a.jpg", "./a.jpg", "0--Ev/./a.jpg"):
+        listing.write_text(bad + "\n")
+        with pytest.raises(WiderFaceEvalError, match=r"list\.txt:1: expected 'event/name\.jpg'"):
+            read_image_list(listing)
+
+
+def test_ground_truth_folder_missing_some_files_names_them_all(tmp_path):
+    gt_dir = write_gt(tmp_path / "gt", [("0--Ev", "a", [A], [1])])
+    (gt_dir / "wider_medium_val.mat").unlink()
+    (gt_dir / "wider_hard_val.mat").unlink()
+    names = r"wider_medium_val\.mat, wider_hard_val\.mat"
+    with pytest.raises(WiderFaceEvalError, match=rf"missing ground-truth file {names} in .*gt \(needs "):
+        load_ground_truth(gt_dir)
 
 
 def test_cli_prints_aps_and_writes_json(tmp_path, capsys):

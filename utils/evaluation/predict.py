@@ -10,7 +10,8 @@ boxes truncated to integers, x = int(x1), w = int(x2) - int(x1). `published_prot
 keep-top-k and exact float boxes are opt-in.
 
 Predictions go to `<save_folder>/<event>/<image>.txt` in the official layout. A run is
-resumable: images whose prediction file already exists (and parses) are skipped. The settings
+resumable: images whose prediction file already exists (and parses) are skipped; every file is
+written under a temporary name and then renamed, so a killed run leaves none cut short. The settings
 that shape the predictions are kept beside the folder (`<save_folder>_settings.json`) so a
 resumed run with other settings stops instead of mixing two runs' files.
 """
@@ -32,7 +33,8 @@ from utils.errors import FeatherFaceError
 from utils.evaluation.tta import detect_with_tta
 from utils.evaluation.widerface_eval import (WiderFaceEvalError, WiderFaceResult, evaluate_predictions, image_key,
                                              load_ground_truth, prediction_path, read_image_list, read_prediction_file,
-                                             read_predictions, select_images, write_prediction_file)
+                                             read_predictions, select_images, write_prediction_file,
+                                             write_text_atomically)
 from utils.inference.detector import FaceDetector
 from utils.inference.postprocess import WIDER_POSTPROCESS
 
@@ -53,13 +55,15 @@ def list_images(dataset_folder: PathLike, image_list: Optional[PathLike] = None)
         return read_image_list(image_list, IMAGE_SUFFIXES)
     if not root.is_dir():
         raise FeatherFaceError(f"dataset folder {root} does not exist")
-    stray = sorted(p.name for p in root.iterdir() if not p.is_dir() and p.suffix.lower() in IMAGE_SUFFIXES)
+    stray = sorted(p.name for p in root.iterdir()
+                   if not p.is_dir() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if stray:
         raise FeatherFaceError(f"{root} holds images directly ({stray[0]}, ...); expected the WIDER layout "
                                f"<event>/<image>.jpg (point --dataset_folder at WIDER_val/images)")
-    events = [event for event in root.iterdir() if event.is_dir()]
+    # Hidden entries are no WIDER images: macOS copies' AppleDouble files (._x.jpg), .ipynb_checkpoints.
+    events = [event for event in root.iterdir() if event.is_dir() and not event.name.startswith(".")]
     images = sorted(f"{event.name}/{p.name}" for event in events
-                    for p in event.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+                    for p in event.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not images:
         raise FeatherFaceError(f"no <event>/<image>.jpg images under {root}")
     deeper = sorted(p for event in events for sub in event.iterdir() if sub.is_dir()
@@ -68,6 +72,17 @@ def list_images(dataset_folder: PathLike, image_list: Optional[PathLike] = None)
         print(f"warning: {len(deeper)} image(s) in sub-folders of an event are not predicted (e.g. {deeper[0]}); "
               f"the WIDER layout is <event>/<image>.jpg")
     return images
+
+
+def find_image(dataset_folder: PathLike, relative: str) -> Path:
+    """The file of a listed image `event/name.jpg`: that path, or where no such file exists, the
+    one image of the event folder with the same name and another suffix (.JPG, .png copies; the
+    prediction file is named without the suffix anyway). Otherwise the listed path, unreadable."""
+    path = Path(dataset_folder) / relative
+    if path.exists() or path.is_symlink() or not path.parent.is_dir():
+        return path
+    same_name = [p for p in path.parent.iterdir() if p.stem == path.stem and p.suffix.lower() in IMAGE_SUFFIXES]
+    return same_name[0] if len(same_name) == 1 else path
 
 
 def to_xywh_score(detections: np.ndarray, integer: bool = True) -> np.ndarray:
@@ -152,8 +167,7 @@ def check_settings(save_folder: PathLike, settings: Dict[str, object], overwrite
                 f"--overwrite with other settings ({', '.join(changed)} differ, see {path}) would leave {len(stale)} "
                 f"prediction file(s) of the earlier settings in {save_folder} that this run does not redo (e.g. "
                 f"{stale[0]}); predict those images too, delete the files, or choose another {folder_flag}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    write_text_atomically(path, json.dumps(settings, indent=2) + "\n")
 
 
 def prediction_files(save_folder: PathLike, images: Sequence[str]) -> List[Path]:
@@ -218,10 +232,11 @@ def predict_images(detector, dataset_folder: PathLike, images: Sequence[str], sa
             summary.skipped += 1
             continue
         start = time.perf_counter()
-        image, why = read_image(Path(dataset_folder) / relative)
+        image_file = find_image(dataset_folder, relative)
+        image, why = read_image(image_file)
         if image is None:
             summary.unreadable.append(relative)
-            tqdm.write(f"warning: {Path(dataset_folder) / relative}: {why}; no prediction file written")
+            tqdm.write(f"warning: {image_file}: {why}; no prediction file written")
             continue
         detections = detect_with_tta(detector, image, flip, scales)
         write_prediction_file(out, name, to_xywh_score(detections, integer_boxes), integer_boxes)

@@ -58,12 +58,19 @@ def detect_with_tta(detector, image: np.ndarray, flip: bool = False,
         raise FeatherFaceError(f"TTA scales must be positive, got {list(factors)}")
     if not flip and factors == [1.0]:
         return detector.detect_array(image)
-    base = detector.scale_for(image)
+    fixed_size = getattr(detector, "fixed_size", None)
+    if fixed_size is not None and factors != [1.0]:
+        raise FeatherFaceError(f"multi-scale TTA (--scales) needs a dynamic-size model: this detector letterboxes "
+                               f"every image into one fixed input size {fixed_size[0]}x{fixed_size[1]} "
+                               f"(--flip alone works)")
+    # A fixed-size detector chooses its own letterbox scale (scale=None); otherwise the factors
+    # multiply the detector's usual scale for this image.
+    scales_asked = [None] if fixed_size is not None else [detector.scale_for(image) * f for f in factors]
     mirrored = cv2.flip(image, 1) if flip else None
     parts = []
-    for factor in factors:
-        parts.append(detector.detect_array(image, scale=base * factor))
+    for scale in scales_asked:
+        parts.append(detector.detect_array(image, scale=scale))
         if flip:
-            parts.append(mirror_detections(detector.detect_array(mirrored, scale=base * factor), image.shape[1]))
+            parts.append(mirror_detections(detector.detect_array(mirrored, scale=scale), image.shape[1]))
     settings = detector.postprocess
     return merge_detections(parts, settings.nms_threshold, settings.keep_top_k, settings.pixel_inclusive_nms)

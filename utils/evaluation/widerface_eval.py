@@ -6,8 +6,10 @@ Reproduces the official MATLAB `eval_tools` (Shuo Yang, 2015) and its widely use
   x y w h) and `wider_{easy,medium,hard}_val.mat` (`gt_list`: 1-based indices of the faces that
   count in that setting; every other face is ignored);
 * predictions from `<pred_dir>/<event>/<image>.txt` (line 1 image name, line 2 box count, then
-  one `x y w h score` line per box); an image list (`--image_list`) restricts the ground truth to
-  those images, so a subset is scored against its own faces only;
+  one `x y w h score` line per box; any whitespace between numbers, blank lines skipped, a count
+  that disagrees with the box lines is an error); only the files of ground-truth images are read,
+  so other files in the folder do not matter; an image list (`--image_list`) restricts the ground
+  truth to those images, so a subset is scored against its own faces only;
 * scores min-max normalised over all predictions of all images;
 * every prediction is matched to the ground-truth face of highest IoU (pixel convention:
   x2 = x + w, area = (x2 - x1 + 1) * (y2 - y1 + 1)); with IoU >= 0.5 and an ignored face it is
@@ -172,24 +174,35 @@ def load_ground_truth(gt_dir: PathLike) -> Tuple[GroundTruthImage, ...]:
     if not Path(gt_dir).is_dir():
         raise WiderFaceEvalError(f"ground-truth folder {gt_dir} does not exist "
                                  f"(expected {', '.join(GT_FILES.values())} in it)")
+    missing = [name for name in GT_FILES.values() if not (Path(gt_dir) / name).is_file()]
+    if missing:  # name every missing file at once, not one per attempt
+        raise WiderFaceEvalError(f"missing ground-truth file {', '.join(missing)} in {gt_dir} "
+                                 f"(needs {', '.join(GT_FILES.values())})")
     return _load_ground_truth_cached(str(Path(gt_dir).resolve()))
 
 
 def read_image_list(path: PathLike, suffixes: Optional[Sequence[str]] = None) -> List[str]:
-    """Relative image paths `event/name.jpg`, one per line (blank lines skipped, a leading "/"
-    as in some published lists dropped); `suffixes` (lower case) limits the file types."""
+    """Relative image paths `event/name.jpg`, one per line; `suffixes` (lower case) limits the
+    file types.
+
+    Blank lines are skipped; Windows line endings, a UTF-8 byte-order mark and a leading "/"
+    (as in some published lists) or "./" (as `find .` writes) are accepted.
+    """
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise WiderFaceEvalError(f"cannot read image list {path}: {exc}") from None
     images = []
     for number, line in enumerate(lines, start=1):
-        entry = line.strip().lstrip("/")
+        entry = line.strip()
+        while entry.startswith(("/", "./")):
+            entry = entry[1:] if entry.startswith("/") else entry[2:]
         if not entry:
             continue
         parts, suffix = entry.split("/"), Path(entry).suffix.lower()
-        if len(parts) != 2 or not all(parts) or not suffix or (suffixes is not None and suffix not in suffixes):
+        if (len(parts) != 2 or any(part in ("", ".", "..") for part in parts) or not suffix
+                or (suffixes is not None and suffix not in suffixes)):
             raise WiderFaceEvalError(f"{path}:{number}: expected 'event/name.jpg', got {line.strip()!r}")
         images.append(entry)
     if not images:
@@ -219,11 +232,15 @@ def select_images(gt: Sequence[GroundTruthImage], images: Sequence[str]) -> Tupl
 
 
 def read_prediction_file(path: PathLike) -> np.ndarray:
-    """Boxes of one prediction file as (K, 5) float64 x, y, w, h, score."""
+    """Boxes of one prediction file as (K, 5) float64 x, y, w, h, score.
+
+    Line 1 (the image name) is not used, so it may be in any encoding; blank lines after the
+    count are skipped; line 2's count must equal the number of box lines.
+    """
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError as exc:
         raise WiderFaceEvalError(f"cannot read prediction file {path}: {exc}") from None
     if len(lines) < 2:
         raise WiderFaceEvalError(f"{path}: expected the image name on line 1 and the box count on line 2")
@@ -233,20 +250,18 @@ def read_prediction_file(path: PathLike) -> np.ndarray:
         raise WiderFaceEvalError(f"{path}:2: box count must be an integer, got {lines[1]!r}") from None
     if count < 0:
         raise WiderFaceEvalError(f"{path}:2: box count must not be negative, got {count}")
-    body = lines[2:]
-    while body and not body[-1].strip():  # tolerate trailing blank lines
-        body.pop()
+    body = [(number, line) for number, line in enumerate(lines[2:], start=3) if line.strip()]
     if len(body) != count:
         raise WiderFaceEvalError(f"{path}: line 2 announces {count} boxes but {len(body)} box lines follow")
     if count == 0:
         return np.zeros((0, 5))
     try:  # fast path; on any problem the loop below finds the offending line
-        boxes = np.array([line.split() for line in body], dtype=np.float64)
+        boxes = np.array([line.split() for _, line in body], dtype=np.float64)
         if boxes.shape == (count, 5) and np.isfinite(boxes).all():
             return boxes
     except ValueError:
         pass
-    for number, line in enumerate(body, start=3):
+    for number, line in body:
         try:
             values = [float(v) for v in line.split()]
         except ValueError:
@@ -264,8 +279,6 @@ def write_prediction_file(path: PathLike, image_name: str, boxes: np.ndarray, in
     integral), the score as `str(np.float32(score))` and a space before the newline.
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = [image_name, str(len(boxes))]
     if integer_boxes:
         if not np.array_equal(boxes[:, :4], np.trunc(boxes[:, :4])):
@@ -273,7 +286,23 @@ def write_prediction_file(path: PathLike, image_name: str, boxes: np.ndarray, in
         lines += [" ".join([*(str(int(v)) for v in row[:4]), str(np.float32(row[4])), ""]) for row in boxes]
     else:
         lines += [" ".join(repr(float(v)) for v in row) for row in boxes]
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomically(path, "\n".join(lines) + "\n")
+
+
+def write_text_atomically(path: PathLike, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it to `path`: a run killed
+    mid-write leaves the old file or none, never one cut short (a file whose last score lost
+    digits still parses, so a resumed run could not tell it from a finished one). The
+    temporary name does not end in .txt, so no reader takes it for a prediction file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def prediction_path(pred_dir: PathLike, event: str, image_name: str) -> Path:
